@@ -1,0 +1,189 @@
+"""Glm4vForConditionalGeneration: vision features -> scatter into <|image|> slots -> decoder -> logits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops as msops
+
+from . import ops
+from .config import Glm4vConfig
+from .layers import Linear
+from .rope import get_rope_index, inv_freq, mrope_axis_of_frequency, text_cos_sin
+from .text import Glm4vTextModel
+from .vision import Glm4vVisionModel
+from .weights import load_weights
+
+_DTYPES = {"float32": ms.float32, "fp32": ms.float32, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16,
+           "float16": ms.float16, "fp16": ms.float16}
+
+
+def resolve_dtype(dtype) -> Any:
+    if dtype is None:
+        return ms.float32
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use float32 or bfloat16")
+        return _DTYPES[dtype.lower()]
+    if dtype not in (ms.float32, ms.bfloat16, ms.float16):
+        raise ValueError(f"dtype {dtype} is not supported; use mindspore.float32 or mindspore.bfloat16")
+    return dtype
+
+
+@dataclass
+class Glm4vOutput:
+    logits: Tensor                       # [B, S or logits_to_keep, vocab]
+    rope_deltas: np.ndarray              # [B, 1]: decode position = absolute cache index + delta
+    position_ids: np.ndarray             # [3, B, S]
+    hidden_states: Optional[List[Tensor]] = None  # embeddings, then each decoder layer's output (before final norm)
+    vision_stages: Dict[str, Any] = field(default_factory=dict)
+
+
+class Glm4vModel(nn.Cell):
+    def __init__(self, config: Glm4vConfig, dtype):
+        super().__init__()
+        self.visual = Glm4vVisionModel(config.vision, dtype)
+        self.language_model = Glm4vTextModel(config.text, dtype)
+
+
+def causal_mask(attention_mask: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Additive [B, 1, S, S] mask: 0 where query i may see key j (j <= i and key j not padding), else the dtype's
+    most negative finite value (as the reference's eager mask; fully masked pad rows stay finite)."""
+    b, s = attention_mask.shape
+    allowed = np.tril(np.ones((s, s), dtype=bool))[None] & (attention_mask[:, None, :] == 1)
+    m = np.where(allowed, np.float32(0), np.finfo(np.float32).min).astype(dtype)
+    return m[:, None]
+
+
+class Glm4vForConditionalGeneration(nn.Cell):
+    """GLM-4.1V. ``model(input_ids=..., attention_mask=..., pixel_values=..., image_grid_thw=...,
+    pixel_values_videos=..., video_grid_thw=...)`` returns a :class:`Glm4vOutput` with ``.logits``.
+
+    Inputs may be numpy arrays or MindSpore tensors. The model keeps no per-request state."""
+
+    def __init__(self, config: Glm4vConfig, dtype=ms.float32):
+        super().__init__()
+        self.config = config
+        self._dtype = resolve_dtype(dtype)
+        self.model = Glm4vModel(config, self._dtype)
+        t = config.text
+        self.lm_head = None if t.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, False, self._dtype)
+        self._inv_freq = Tensor(inv_freq(t.rotary_dim, t.rope_theta))
+        self._axis_of_freq = Tensor(mrope_axis_of_frequency(t.mrope_section))
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str, dtype=ms.float32) -> "Glm4vForConditionalGeneration":
+        """Load a HF GLM-4.1V folder (config.json + model.safetensors or a sharded index). bf16 files are cast to
+        ``dtype`` (default float32)."""
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"model folder not found: {folder}")
+        config = Glm4vConfig.from_pretrained(folder)
+        model = cls(config, dtype)
+        ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        load_weights(model, folder, ignore=ignore)
+        return model
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def visual(self) -> Glm4vVisionModel:
+        return self.model.visual
+
+    @property
+    def language_model(self) -> Glm4vTextModel:
+        return self.model.language_model
+
+    # ----------------------------------------------------------------------------------------------------------
+    def rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
+        c = self.config
+        return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                              image_token_id=c.image_token_id, video_start_token_id=c.video_start_token_id,
+                              video_end_token_id=c.video_end_token_id,
+                              spatial_merge_size=c.vision.spatial_merge_size)
+
+    def _features(self, pixel_values, grid, what: str, n_tokens: int, return_stages: bool):
+        merge2 = self.config.vision.spatial_merge_size ** 2
+        n_feat = int(np.prod(grid, axis=1).sum()) // merge2
+        if n_feat != n_tokens:
+            raise ValueError(f"{what} features and image tokens do not match: input_ids has {n_tokens} <|image|> "
+                             f"tokens (id {self.config.image_token_id}) but the grids {grid.tolist()} give {n_feat} "
+                             "features; the prompt must expand each placeholder to t*h*w/merge^2 tokens")
+        return self.visual(pixel_values, grid, return_stages=return_stages)
+
+    def embed(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+              video_grid_thw=None, return_stages: bool = False):
+        """Token embeddings with the vision features written into the <|image|> slots (batch-major order)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        emb = self.language_model.embed_tokens(Tensor(ids.astype(np.int32)))
+        stages: Dict[str, Any] = {}
+        has_img, has_vid = pixel_values is not None, pixel_values_videos is not None
+        if not (has_img or has_vid):
+            return emb, stages
+        if has_img and has_vid:
+            raise ValueError("images and video in the same forward are not supported: GLM-4.1V uses the same "
+                             "<|image|> placeholder for both; send them as separate requests")
+        pv, grid, what = ((pixel_values, image_grid_thw, "image") if has_img
+                          else (pixel_values_videos, video_grid_thw, "video"))
+        if grid is None:
+            raise ValueError(f"{what} pixel values were given without {what}_grid_thw")
+        grid = np.asarray(ops.to_numpy(grid), dtype=np.int64).reshape(-1, 3)
+        slots = np.flatnonzero(ids.reshape(-1) == self.config.image_token_id)
+        feats = self._features(pv, grid, what, len(slots), return_stages)
+        if return_stages:
+            feats, stages = feats
+        b, s = ids.shape
+        flat = emb.reshape(b * s, -1)
+        flat = msops.tensor_scatter_update(flat, Tensor(slots.astype(np.int32)[:, None]), feats.astype(flat.dtype))
+        return flat.reshape(b, s, -1), stages
+
+    def construct(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, logits_to_keep: int = 0,
+                  output_hidden_states: bool = False, output_vision_stages: bool = False) -> Glm4vOutput:
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        ids = np.asarray(ops.to_numpy(input_ids), dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        vocab = self.config.text.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"input_ids contain ids outside [0, vocab_size={vocab}): min {ids.min()}, max {ids.max()}")
+        mask = None if attention_mask is None else np.asarray(ops.to_numpy(attention_mask), dtype=np.int64)
+        if mask is not None and mask.ndim == 1:
+            mask = mask[None]
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+
+        embeds, stages = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                    return_stages=output_vision_stages)
+        if position_ids is None:
+            position_ids, deltas = self.rope_index(
+                ids, None if pixel_values is None else ops.to_numpy(image_grid_thw),
+                None if pixel_values_videos is None else ops.to_numpy(video_grid_thw), mask)
+        else:
+            position_ids = np.asarray(ops.to_numpy(position_ids), dtype=np.int64)
+            deltas = position_ids.max(axis=(0, 2))[:, None] + 1 - ids.shape[1]
+        cos, sin = text_cos_sin(Tensor(position_ids.astype(np.int32)), self._inv_freq, self._axis_of_freq,
+                                self.dtype)
+        m = causal_mask(mask if mask is not None else np.ones_like(ids))
+        out = self.language_model(embeds, cos, sin, Tensor(m).astype(self.dtype),
+                                  output_hidden_states=output_hidden_states)
+        hidden, all_hidden = out if output_hidden_states else (out, None)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.logits(hidden)
+        return Glm4vOutput(logits=logits, rope_deltas=deltas, position_ids=position_ids, hidden_states=all_hidden,
+                           vision_stages=stages)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        w = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return ops.linear(hidden, w)

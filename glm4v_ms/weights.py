@@ -1,0 +1,126 @@
+"""Hugging Face safetensors checkpoints -> model parameters. Strict and tensor by tensor.
+
+Module attribute paths equal the checkpoint keys, so loading is an identity map. Before any data is read, every
+file header is checked against the model: a missing, unexpected or mis-shaped tensor raises ``CheckpointError``
+naming it. Tensors are then read one at a time (peak extra memory: one tensor) and cast to the model dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterator, List, Tuple
+
+import ml_dtypes  # noqa: F401  (registers numpy bfloat16 so safetensors can read BF16 tensors)
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_NP_DTYPE = {ms.float32: np.float32, ms.float16: np.float16, ms.bfloat16: ml_dtypes.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the model (names the offending tensors)."""
+
+
+def checkpoint_files(folder: str) -> Dict[str, str]:
+    """tensor name -> file path, from ``model.safetensors`` or a sharded ``model.safetensors.index.json``."""
+    index = os.path.join(folder, INDEX_FILE)
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index, "r", encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {e}")
+        missing_files = sorted({v for v in weight_map.values() if not os.path.isfile(os.path.join(folder, v))})
+        if missing_files:
+            raise CheckpointError(f"{index} lists shard(s) that are not in {folder}: {', '.join(missing_files)}; "
+                                  "download the complete checkpoint")
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    if os.path.isfile(single):
+        return {k: single for k in _keys_of(single)}
+    raise CheckpointError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _keys_of(path: str) -> List[str]:
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def _group_by_file(names: Dict[str, str]) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    for k, p in names.items():
+        out.setdefault(p, []).append(k)
+    return out
+
+
+def read_shapes(files: Dict[str, str]) -> Dict[str, Tuple[int, ...]]:
+    shapes = {}
+    for path, keys in _group_by_file(files).items():
+        try:
+            with safe_open(path, framework="numpy") as f:
+                present = set(f.keys())
+                for k in keys:
+                    if k not in present:
+                        raise CheckpointError(f"tensor '{k}' is listed in the index but missing from {path}")
+                    shapes[k] = tuple(f.get_slice(k).get_shape())
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    return shapes
+
+
+def iter_tensors(files: Dict[str, str], names: List[str]) -> Iterator[Tuple[str, np.ndarray]]:
+    wanted = set(names)
+    for path, keys in _group_by_file(files).items():
+        with safe_open(path, framework="numpy") as f:
+            for k in keys:
+                if k in wanted:
+                    yield k, f.get_tensor(k)
+
+
+def _fmt(names: List[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = ()) -> None:
+    """Set every parameter of ``model`` from the checkpoint in ``folder`` (strict).
+
+    ``ignore``: checkpoint keys that may be present and are not used (e.g. ``lm_head.weight`` of a tied model)."""
+    params = dict(model.parameters_and_names())
+    files = checkpoint_files(folder)
+    shapes = read_shapes(files)
+    unexpected = [k for k in shapes if k not in params and k not in ignore]
+    missing = [k for k in params if k not in shapes]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors (not part of this model/config): {_fmt(unexpected)}")
+    bad_shape = [f"{k} (checkpoint {list(shapes[k])}, model {list(params[k].shape)})"
+                 for k in params if k in shapes and tuple(shapes[k]) != tuple(params[k].shape)]
+    if bad_shape:
+        problems.append(f"shape mismatch: {_fmt(bad_shape)}")
+    if problems:
+        raise CheckpointError(f"checkpoint in {folder} does not match config.json: " + "; ".join(problems))
+    for name, arr in iter_tensors(files, list(params)):
+        p = params[name]
+        target = _NP_DTYPE.get(p.dtype)
+        if target is None:
+            raise CheckpointError(f"unsupported parameter dtype {p.dtype} for {name}")
+        if arr.dtype != target:
+            if arr.dtype.kind not in "fV" and arr.dtype != ml_dtypes.bfloat16:
+                raise CheckpointError(f"tensor '{name}' has dtype {arr.dtype}; expected a floating-point tensor")
+            arr = arr.astype(np.float32).astype(target) if arr.dtype == ml_dtypes.bfloat16 else arr.astype(target)
+        p.set_data(Tensor(np.ascontiguousarray(arr)))

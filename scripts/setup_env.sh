@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment in .venv and installs the pinned packages into it.
+#   scripts/setup_env.sh          runtime packages (requirements.txt)
+#   scripts/setup_env.sh --dev    runtime + test/reference packages (requirements-dev.txt: torch CPU, pytest)
+# Every install goes through constraints.txt, so nothing can lift numpy to 2.x (MindSpore 2.10 needs numpy 1.x).
+# Re-running is cheap: pip only checks that the pins are satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+req=requirements.txt
+[ "${1:-}" = "--dev" ] && req=requirements-dev.txt
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+stamp=.venv/.installed-$(cat "$req" requirements.txt constraints.txt | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing $req into .venv (first run: a few minutes, ~4 GB with torch)" >&2
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" -c constraints.txt >&2
+  .venv/bin/python -c "import numpy, sys; sys.exit(0 if numpy.__version__.startswith('1.') else 'numpy 2.x got installed: MindSpore 2.10 needs numpy 1.x')"
+  touch "$stamp"
+fi
