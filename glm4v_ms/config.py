@@ -139,9 +139,18 @@ class TextConfig:
         if isinstance(eos, int) and not isinstance(eos, bool):
             d["eos_token_id"] = [eos]
         cfg = cls(**_pick(cls, d))
-        if cfg.head_dim is None and isinstance(cfg.hidden_size, int) and isinstance(cfg.num_attention_heads, int) \
-                and cfg.num_attention_heads > 0:
-            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        for name in ("hidden_size", "num_attention_heads"):
+            v = getattr(cfg, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"text_config.{name}",
+                   f"must be a positive integer, got {v!r}")
+        _check(cfg.hidden_size % cfg.num_attention_heads == 0, "text_config.hidden_size",
+               f"{cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
+        # GLM-4.1V's attention derives head_dim = hidden_size / num_attention_heads (an explicit head_dim is a
+        # GLM-4.5V field); a file that says otherwise describes a different model.
+        derived = cfg.hidden_size // cfg.num_attention_heads
+        _check(cfg.head_dim in (None, derived), "text_config.head_dim",
+               f"{cfg.head_dim} differs from hidden_size / num_attention_heads = {derived}, which GLM-4.1V uses")
+        cfg.head_dim = derived
         cfg.mrope_section = list(cfg.mrope_section) if cfg.mrope_section is not None else None
         cfg.validate()
         return cfg

@@ -110,6 +110,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
                               spatial_merge_size=c.vision.spatial_merge_size)
 
     def _features(self, pixel_values, grid, what: str, n_tokens: int, return_stages: bool):
+        self.visual.check_inputs(tuple(pixel_values.shape), grid, f"{what} pixel values")
         merge2 = self.config.vision.spatial_merge_size ** 2
         n_feat = int(np.prod(grid, axis=1).sum()) // merge2
         if n_feat != n_tokens:

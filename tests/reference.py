@@ -82,7 +82,9 @@ def build_reference(folder: str, seed: int = 0, **cfg_kwargs):
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
     cfg_dict = tiny_config_dict(**cfg_kwargs)
-    config = Glm4vConfig(**{k: v for k, v in cfg_dict.items() if k != "model_type"})
+    # The torch side is always built from the nested 4.57 layout; the layout under test is written afterwards.
+    torch_dict = tiny_config_dict(**dict(cfg_kwargs, flat=False, rope_key="rope_scaling"))
+    config = Glm4vConfig(**{k: v for k, v in torch_dict.items() if k != "model_type"})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = Glm4vForConditionalGeneration(config).eval()
