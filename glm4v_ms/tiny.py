@@ -1,0 +1,122 @@
+"""A tiny random GLM-4.1V checkpoint in the Hugging Face layout, made from numpy (no torch, no network).
+
+Used by the README's main command and by tests. Its weights are random: whatever it generates is random text.
+The folder is written to a temporary sibling and renamed into place, so an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional
+
+import numpy as np
+from safetensors.numpy import save_file
+
+TINY_TEXT = {
+    "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "hidden_act": "silu", "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_scaling": {"type": "default", "mrope_section": [2, 3, 3]},
+    "attention_bias": True, "tie_word_embeddings": False, "model_type": "glm4v_text",
+}
+TINY_VISION = {
+    "depth": 2, "hidden_size": 48, "num_heads": 4, "intermediate_size": 80, "out_hidden_size": 64, "hidden_act": "silu",
+    "attention_bias": False, "in_channels": 3, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
+    "image_size": 336, "rms_norm_eps": 1e-5, "model_type": "glm4v",
+}
+# GLM-4.1V's special-token ids sit in this order right after the base vocabulary.
+SPECIAL_ORDER = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>", "<|image|>", "<|video|>"]
+
+
+def tiny_config(vocab_size: int, special_ids: Dict[str, int]) -> Dict:
+    text = dict(TINY_TEXT, vocab_size=vocab_size, pad_token_id=special_ids["<|endoftext|>"],
+                eos_token_id=[special_ids[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")
+                              if t in special_ids] + ([special_ids["</answer>"]] if "</answer>" in special_ids else []))
+    return {
+        "architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v",
+        "image_token_id": special_ids["<|image|>"], "video_token_id": special_ids["<|video|>"],
+        "image_start_token_id": special_ids["<|begin_of_image|>"], "image_end_token_id": special_ids["<|end_of_image|>"],
+        "video_start_token_id": special_ids["<|begin_of_video|>"], "video_end_token_id": special_ids["<|end_of_video|>"],
+        "tie_word_embeddings": False, "torch_dtype": "float32", "text_config": text, "vision_config": dict(TINY_VISION),
+    }
+
+
+def random_weights(config_dict: Dict, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Random weights for every parameter of the model ``config_dict`` describes (names/shapes from our model,
+    which equals the checkpoint layout): 1/sqrt(fan_in) matrices, norm weights near 1, small biases, a
+    unit-variance position table."""
+    from .config import Glm4vConfig
+    from .model import Glm4vForConditionalGeneration
+
+    model = Glm4vForConditionalGeneration(Glm4vConfig.from_dict(config_dict))  # lazy: allocates nothing
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, p in model.parameters_and_names():
+        shape = tuple(p.shape)
+        if name.endswith("position_embedding.weight") or name.endswith("embed_tokens.weight"):
+            w = rng.standard_normal(shape)
+        elif len(shape) == 1 and "norm" in name and name.endswith("weight"):
+            w = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 1:
+            w = 0.1 * rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / math.sqrt(int(np.prod(shape[1:])))
+        out[name] = w.astype(np.float32)
+    return out
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False) -> str:
+    """Create a complete HF-layout GLM-4.1V folder at ``folder``: config.json, model.safetensors, tokenizer files
+    with the chat template, preprocessor_config.json and generation_config.json. Returns the folder."""
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not overwrite:
+        raise FileExistsError(f"{folder} already exists; pass overwrite=True (--force) to replace it")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        special, vocab = _write_tokenizer(tmp)
+        cfg = tiny_config(vocab, special)
+        _write_json(os.path.join(tmp, "config.json"), cfg)
+        save_file(random_weights(cfg, seed), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _write_json(os.path.join(tmp, "generation_config.json"), {
+            "_from_model_config": False, "do_sample": True, "eos_token_id": cfg["text_config"]["eos_token_id"],
+            "pad_token_id": cfg["text_config"]["pad_token_id"], "top_k": 2, "top_p": 1e-5,
+            "repetition_penalty": 1.1, "max_new_tokens": 8192})
+        _write_json(os.path.join(tmp, "preprocessor_config.json"), {
+            "image_processor_type": "Glm4vImageProcessor", "processor_class": "Glm4vProcessor",
+            "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+            "resample": 3, "rescale_factor": 1 / 255,
+            "size": {"shortest_edge": 12544, "longest_edge": 9633792},
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2})
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_tokenizer(folder: str):
+    """Writes the offline test tokenizer (if available) and returns (special token ids, model vocab size)."""
+    try:
+        from .tiny_tokenizer import build_tiny_tokenizer, special_token_ids
+    except ImportError:  # tokenizer module not present: ids follow a 256-entry byte vocabulary
+        ids = {tok: 256 + i for i, tok in enumerate(SPECIAL_ORDER)}
+        return ids, 256 + len(SPECIAL_ORDER) + 16
+    tok = build_tiny_tokenizer(folder)
+    ids = special_token_ids(tok)
+    return ids, int(math.ceil(len(tok) / 64.0) * 64)  # padded embedding rows, like the real 151552 > 151329

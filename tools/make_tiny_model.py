@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Create a tiny random GLM-4.1V checkpoint folder (HF layout) offline, in seconds.
+
+    python tools/make_tiny_model.py DIR [--seed 0] [--force]
+
+Its weights are random: the model runs the full pipeline but produces random text.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    args = ap.parse_args(argv)
+    from glm4v_ms.tiny import make_tiny_model
+
+    try:
+        path = make_tiny_model(args.folder, seed=args.seed, overwrite=args.force)
+    except (FileExistsError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
