@@ -9,6 +9,7 @@ Substitutes for ops MindSpore lacks on CPU, and their measured error against tor
 * Conv3d / Conv2d with kernel == stride: a linear layer on flattened patches (see vision.py), ~1e-6 abs.
 * grid_sample(bicubic): a hand-written separable resampler (rope.py / vision.py), ~3e-6 abs on unit tables.
 * scaled_dot_product_attention: matmul, additive mask, fp32 softmax, matmul (exactly eager_attention_forward).
+* fused rotary: the two rotation conventions written out (half-split for the ViT, interleaved for the decoder).
 """
 
 from __future__ import annotations
@@ -149,3 +150,29 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], sc
     w = _softmax_fp32(w, q.dtype)
     out = mint.matmul(w, v)  # [B, H, S, D]
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+def rotary_half_split(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Vision rotary. x: [N, heads, head_dim]; cos/sin: [N, head_dim] fp32. Dim d pairs with d + head_dim/2; the
+    rotation runs in fp32 and the result is cast back (as the reference)."""
+    dtype = x.dtype
+    x = x.astype(ms.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rot = mint.cat([-x2, x1], -1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return (x * c + rot * s).astype(dtype)
+
+
+def rotary_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Text M-RoPE rotation. x: [B, H, S, D]; cos/sin: [B, S, R] interleaved. Pairs (2j, 2j+1) of the first R dims
+    rotate, in the activation dtype (no fp32 upcast, as the reference); the rest pass through."""
+    b, h, s, d = x.shape
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    pairs = x_rot.reshape(b, h, s, r // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = ops.stack([-odd, even], -1).reshape(b, h, s, r)  # mint.stack has no CPU kernel
+    c, sn = cos[:, None], sin[:, None]
+    out = x_rot * c + rotated * sn
+    return mint.cat([out, x_pass], -1) if r < d else out

@@ -10,7 +10,7 @@ Two conventions live here, and mixing them up is silently wrong:
 from __future__ import annotations
 
 import itertools
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -57,17 +57,6 @@ def vision_cos_sin(hpos: np.ndarray, wpos: np.ndarray, head_dim: int, theta: flo
     return np.cos(emb), np.sin(emb)
 
 
-def apply_vision_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [N, heads, head_dim]; cos/sin: [N, head_dim] fp32. Rotates halves (d pairs with d + head_dim/2) in fp32."""
-    dtype = x.dtype
-    x = x.astype(ms.float32)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rot = mint.cat([-x2, x1], -1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return (x * c + rot * s).astype(dtype)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Text M-RoPE
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,19 +80,6 @@ def text_cos_sin(position_ids: Tensor, inv: Tensor, axis_of_freq: Tensor, dtype)
     c = mint.broadcast_to(c.reshape(b, sl, f, 1), (b, sl, f, 2)).reshape(b, sl, 2 * f)
     s = mint.broadcast_to(s.reshape(b, sl, f, 1), (b, sl, f, 2)).reshape(b, sl, 2 * f)
     return c.astype(dtype), s.astype(dtype)
-
-
-def apply_text_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, S, D]; cos/sin: [B, S, R] interleaved. Pairs (2j, 2j+1) of the first R dims rotate; the rest pass."""
-    b, h, s, d = x.shape
-    r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    pairs = x_rot.reshape(b, h, s, r // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = ops.stack([-odd, even], -1).reshape(b, h, s, r)  # mint.stack has no CPU kernel
-    c, sn = cos[:, None], sin[:, None]
-    out = x_rot * c + rotated * sn
-    return mint.cat([out, x_pass], -1) if r < d else out
 
 
 # ---------------------------------------------------------------------------------------------------------------

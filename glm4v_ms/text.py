@@ -6,15 +6,14 @@ state: positions (as cos/sin) and the attention mask are computed by the caller 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import mindspore as ms
-from mindspore import mint, nn
+from mindspore import nn
 
 from . import ops
 from .config import TextConfig
 from .layers import Embedding, Linear, RMSNorm
-from .rope import apply_text_rotary
 
 
 class TextAttention(nn.Cell):
@@ -37,8 +36,8 @@ class TextAttention(nn.Cell):
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = apply_text_rotary(q, cos, sin)
-        k = apply_text_rotary(k, cos, sin)
+        q = ops.rotary_interleaved(q, cos, sin)
+        k = ops.rotary_interleaved(k, cos, sin)
         return self.o_proj(ops.masked_attention(q, k, v, mask, self.scale))
 
 

@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 from safetensors.numpy import save_file

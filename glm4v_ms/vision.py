@@ -5,7 +5,7 @@ Module attribute paths equal the checkpoint keys below ``model.visual.``.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import mindspore as ms
@@ -14,7 +14,7 @@ from mindspore import Tensor, mint, nn
 from . import ops
 from .config import VisionConfig
 from .layers import Embedding, LayerNorm, Linear, PatchConv, RMSNorm
-from .rope import apply_vision_rotary, patch_coords, vision_cos_sin
+from .rope import patch_coords, vision_cos_sin
 
 _BICUBIC_A = np.float32(-0.75)  # torch's bicubic constant (grid_sample, interpolate)
 
@@ -112,8 +112,8 @@ class VisionAttention(nn.Cell):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)  # [N, 3*E] -> [N, 3, H, D]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q = apply_vision_rotary(q, cos, sin)
-        k = apply_vision_rotary(k, cos, sin)
+        q = ops.rotary_half_split(q, cos, sin)
+        k = ops.rotary_half_split(k, cos, sin)
         return self.proj(ops.segment_attention(q, k, v, segments, self.scale))
 
 

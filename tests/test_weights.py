@@ -1,10 +1,8 @@
 """Loading HF safetensors: single file, sharded index, bf16 files, and strict errors that name the tensor."""
 
-import json
 import os
 import shutil
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
