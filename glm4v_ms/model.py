@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops as msops
 
 from . import ops
+from .cache import KVCache
 from .config import Glm4vConfig
 from .layers import Linear
 from .rope import get_rope_index, inv_freq, mrope_axis_of_frequency, text_cos_sin
@@ -146,8 +147,13 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return flat.reshape(b, s, -1), stages
 
     def construct(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, logits_to_keep: int = 0,
-                  output_hidden_states: bool = False, output_vision_stages: bool = False) -> Glm4vOutput:
+                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: Optional[KVCache] = None,
+                  logits_to_keep: int = 0, output_hidden_states: bool = False,
+                  output_vision_stages: bool = False) -> Glm4vOutput:
+        """Forward over ``input_ids`` [B, S]. Without ``cache``: the whole sequence, causal. With a
+        :class:`KVCache`: the chunk is appended to the cache; the first chunk (prefill) computes the 3D positions and
+        stores the rope deltas in the cache, later chunks get position = cache index + delta. ``attention_mask`` may
+        cover the chunk ([B, S]) or everything so far ([B, cache.length + S], HF style)."""
         if input_ids is None:
             raise ValueError("input_ids is required")
         ids = np.asarray(ops.to_numpy(input_ids), dtype=np.int64)
@@ -161,23 +167,41 @@ class Glm4vForConditionalGeneration(nn.Cell):
         mask = None if attention_mask is None else np.asarray(ops.to_numpy(attention_mask), dtype=np.int64)
         if mask is not None and mask.ndim == 1:
             mask = mask[None]
+        start = 0 if cache is None else cache.length
+        if mask is not None and cache is not None and start and mask.shape == (ids.shape[0], start + ids.shape[1]):
+            mask = mask[:, start:]  # HF-style full-length mask: keep the new chunk's columns
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+        if cache is not None:
+            if cache.batch != ids.shape[0]:
+                raise ValueError(f"the cache was allocated for batch {cache.batch}, input_ids has {ids.shape[0]} rows")
+            if start and (pixel_values is not None or pixel_values_videos is not None):
+                raise ValueError("images/videos can only be given with the first chunk (prefill) of a cached request")
+            cache.begin(ids.shape[1], mask)
 
         embeds, stages = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                     return_stages=output_vision_stages)
-        if position_ids is None:
+        if position_ids is None and start:
+            position_ids, deltas = cache.decode_positions(start, ids.shape[1]), cache.rope_deltas
+        elif position_ids is None:
             position_ids, deltas = self.rope_index(
                 ids, None if pixel_values is None else ops.to_numpy(image_grid_thw),
                 None if pixel_values_videos is None else ops.to_numpy(video_grid_thw), mask)
         else:
             position_ids = np.asarray(ops.to_numpy(position_ids), dtype=np.int64)
             deltas = position_ids.max(axis=(0, 2))[:, None] + 1 - ids.shape[1]
+        if cache is not None and not start:
+            cache.rope_deltas = deltas
         cos, sin = text_cos_sin(Tensor(position_ids.astype(np.int32)), self._inv_freq, self._axis_of_freq,
                                 self.dtype)
-        m = causal_mask(mask if mask is not None else np.ones_like(ids))
-        out = self.language_model(embeds, cos, sin, Tensor(m).astype(self.dtype),
+        if cache is None:
+            m = causal_mask(mask if mask is not None else np.ones_like(ids))
+        else:
+            m = cache.attention_mask(start, ids.shape[1])
+        out = self.language_model(embeds, cos, sin, Tensor(m).astype(self.dtype), cache=cache, start=start,
                                   output_hidden_states=output_hidden_states)
+        if cache is not None:
+            cache.commit(ids.shape[1])
         hidden, all_hidden = out if output_hidden_states else (out, None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

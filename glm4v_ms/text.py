@@ -30,7 +30,7 @@ class TextAttention(nn.Cell):
         self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, True, dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, False, dtype)
 
-    def construct(self, x, cos, sin, mask):
+    def construct(self, x, cos, sin, mask, cache=None, layer: int = 0, start: int = 0):
         b, s, _ = x.shape
         # [B, S, heads*D] -> [B, heads, S, D]
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -38,6 +38,8 @@ class TextAttention(nn.Cell):
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = ops.rotary_interleaved(q, cos, sin)
         k = ops.rotary_interleaved(k, cos, sin)
+        if cache is not None:  # store post-rotary keys at [start, start+s) and attend over everything filled
+            k, v = cache.update(layer, start, k, v)
         return self.o_proj(ops.masked_attention(q, k, v, mask, self.scale))
 
 
@@ -68,8 +70,8 @@ class DecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps, dtype)
 
-    def construct(self, x, cos, sin, mask):
-        h = self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+    def construct(self, x, cos, sin, mask, cache=None, layer: int = 0, start: int = 0):
+        h = self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start))
         x = x + h
         h = self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
         return x + h
@@ -83,15 +85,16 @@ class Glm4vTextModel(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def construct(self, inputs_embeds, cos, sin, mask, output_hidden_states: bool = False):
-        """inputs_embeds: [B, S, hidden]; cos/sin: [B, S, rotary_dim]; mask: additive [B, 1, S, T] or None.
+    def construct(self, inputs_embeds, cos, sin, mask, cache=None, start: int = 0, output_hidden_states: bool = False):
+        """inputs_embeds: [B, S, hidden]; cos/sin: [B, S, rotary_dim]; mask: additive [B, 1, S, T] or None;
+        cache: a KVCache receiving this chunk's keys/values at positions [start, start + S) (T = start + S).
 
         Returns the final-normed hidden states, or (hidden, all) where ``all`` holds the embeddings and each layer's
         output (before the final norm)."""
         x = inputs_embeds
         hidden: List = [x] if output_hidden_states else []
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, start)
             if output_hidden_states:
                 hidden.append(x)
         x = self.norm(x)

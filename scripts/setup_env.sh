@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed-$(cat "$req" requirements.txt constraints.txt | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing $req into .venv (first run: a few minutes, ~4 GB with torch)" >&2
+  echo "[setup] installing $req into .venv (first time only; ~80 s and ~4 GB with the test packages)" >&2
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" -c constraints.txt >&2
   .venv/bin/python -c "import numpy, sys; sys.exit(0 if numpy.__version__.startswith('1.') else 'numpy 2.x got installed: MindSpore 2.10 needs numpy 1.x')"
   touch "$stamp"

@@ -1,0 +1,75 @@
+"""Static KV cache: preallocated per-layer key/value buffers plus the per-request bookkeeping the model must not keep.
+
+One object per request (or left-padded batch). It holds:
+* ``k[layer]``, ``v[layer]``: [B, kv_heads, max_len, head_dim] in the model dtype, allocated once (static shapes);
+  keys are stored after the rotary rotation, as the reference's cache does;
+* ``length``: how many positions are filled (the absolute cache index of the next token);
+* ``key_mask``: [B, max_len] host ints, 1 where a filled position may be attended (0 for left padding);
+* ``rope_deltas``: [B, 1], set at prefill by the model; decode position = cache index + delta on all 3 axes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint
+
+from .config import TextConfig
+
+
+class CacheFullError(ValueError):
+    """More tokens than the cache was allocated for (prompt + max_new_tokens)."""
+
+
+class KVCache:
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype=ms.float32):
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"KVCache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+        if max_len > cfg.max_position_embeddings:
+            raise CacheFullError(f"requested context of {max_len} tokens exceeds the model's "
+                                 f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or "
+                                 "lower max_new_tokens")
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [mint.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [mint.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.batch, self.max_len, self.dtype = batch, max_len, dtype
+        self.length = 0
+        self.key_mask = np.zeros((batch, max_len), dtype=np.int64)
+        self.rope_deltas: Optional[np.ndarray] = None
+
+    def begin(self, n_new: int, mask: Optional[np.ndarray]) -> int:
+        """Reserve ``n_new`` positions for the next forward; returns their start index. ``mask`` ([B, n_new], 1 =
+        real token) marks padding; None means all real."""
+        start = self.length
+        if start + n_new > self.max_len:
+            raise CacheFullError(f"the KV cache holds {self.max_len} positions; {start} are used and {n_new} more "
+                                 "were requested (prompt + max_new_tokens is too long for this cache)")
+        self.key_mask[:, start:start + n_new] = 1 if mask is None else mask
+        return start
+
+    def attention_mask(self, start: int, n_new: int, dtype=np.float32) -> np.ndarray:
+        """Additive [B, 1, n_new, start + n_new] mask for queries at start..start+n_new-1: a key j is visible when
+        j <= the query's index and key_mask[j] == 1."""
+        total = start + n_new
+        q_idx = np.arange(start, total)[:, None]
+        allowed = (np.arange(total)[None, :] <= q_idx)[None] & (self.key_mask[:, None, :total] == 1)
+        return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(dtype)[:, None]
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Write the new keys/values ([B, kv_heads, n_new, D]) at ``start`` and return all filled ones."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def commit(self, n_new: int) -> None:
+        self.length += n_new
+
+    def decode_positions(self, start: int, n_new: int) -> np.ndarray:
+        """[3, B, n_new] positions of tokens after the prefill: absolute cache index + rope delta on every axis."""
+        if self.rope_deltas is None:
+            raise ValueError("the cache has no rope deltas: run the prompt (prefill) through the model first")
+        p = np.arange(start, start + n_new, dtype=np.int64)[None, :] + self.rope_deltas  # [B, n_new]
+        return np.broadcast_to(p, (3,) + p.shape).copy()

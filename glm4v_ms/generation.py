@@ -1,0 +1,175 @@
+"""Prefill once, then one token per step over a static KV cache; greedy or sampled; thinking control.
+
+The loop is a generator (``iter_tokens``) so that ``generate`` (collect) and ``stream_generate`` (decode text as it
+comes) share one implementation. Thinking control forces tokens into the sequence through the same one-token steps,
+so a cut-off ``</think><answer>`` continues from the cache without prefilling the prompt again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from . import sampling
+from .cache import KVCache
+
+# The official GLM-V inference recipe (near-greedy, repetition penalty 1.1, 8192 new tokens).
+OFFICIAL_SAMPLING = dict(do_sample=True, top_k=2, top_p=1e-5, temperature=1.0, repetition_penalty=1.1)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 8192
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: List[int] = field(default_factory=list)
+    pad_token_id: Optional[int] = None
+    seed: Optional[int] = None
+    # Thinking control: after this many tokens inside <think> without </think>, force ``think_cutoff`` tokens.
+    max_thinking_tokens: Optional[int] = None
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **overrides) -> "GenerationConfig":
+        """Defaults from the model folder's generation_config.json (absent knobs keep HF's defaults)."""
+        d: Dict = {}
+        path = os.path.join(folder, "generation_config.json")
+        if os.path.isfile(path):
+            with open(path, "r", encoding="utf-8") as f:
+                d = json.load(f)
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        if isinstance(cfg.eos_token_id, int):
+            cfg.eos_token_id = [cfg.eos_token_id]
+        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self, vocab_size: int) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample:
+            if self.temperature <= 0:
+                raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        bad = [e for e in self.eos_token_id if not 0 <= e < vocab_size]
+        if bad:
+            raise ValueError(f"eos_token_id {bad} outside the vocabulary (size {vocab_size})")
+
+
+@dataclass
+class ThinkingTokens:
+    """Token ids that delimit the thinking part (looked up in the tokenizer)."""
+    think: int
+    end_think: int
+    cutoff: Sequence[int]  # forced when the budget is spent, e.g. ids of "</think><answer>"
+
+
+@dataclass
+class StepStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    thinking_cut: List[int] = field(default_factory=list)  # step at which each row's thinking was cut
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)  # the first token comes from the prefill
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[ThinkingTokens] = None,
+                stats: Optional[StepStats] = None) -> Iterator[np.ndarray]:
+    """Yield the next token of every row ([B] int64), step by step. Finished rows yield ``pad_token_id``."""
+    cfg = model.config.text
+    gen.validate(cfg.vocab_size)
+    ids = np.asarray(inputs["input_ids"], dtype=np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    b, s = ids.shape
+    pad = gen.pad_token_id if gen.pad_token_id is not None else (cfg.pad_token_id or 0)
+    cache = KVCache(cfg, b, s + max(gen.max_new_tokens, 1), model.dtype)
+    rng = np.random.default_rng(gen.seed)
+    stats = stats if stats is not None else StepStats()
+    stats.prompt_tokens = s
+    eos = np.asarray(gen.eos_token_id or [], dtype=np.int64)
+
+    t0 = time.perf_counter()
+    out = model(**inputs, cache=cache, logits_to_keep=1)
+    logits = out.logits.asnumpy()[:, -1].astype(np.float32)
+    stats.prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+
+    seen = ids
+    unfinished = np.ones(b, dtype=bool)
+    # thinking state per row: tokens produced inside <think>, whether </think> was seen, forced queue
+    inside = np.zeros(b, dtype=bool)
+    n_think = np.zeros(b, dtype=np.int64)
+    forced: List[List[int]] = [[] for _ in range(b)]
+    stats.thinking_cut = [-1] * b
+    for step in range(gen.max_new_tokens):
+        tok = sampling.next_tokens(logits, seen, do_sample=gen.do_sample, temperature_=gen.temperature,
+                                   top_k_=gen.top_k, top_p_=gen.top_p, repetition_penalty_=gen.repetition_penalty,
+                                   rng=rng)
+        for r in range(b):
+            if forced[r]:
+                tok[r] = forced[r].pop(0)
+        tok = np.where(unfinished, tok, pad)
+        if thinking is not None and gen.max_thinking_tokens is not None:
+            for r in range(b):
+                if not unfinished[r]:
+                    continue
+                if tok[r] == thinking.think:
+                    inside[r] = True
+                elif tok[r] == thinking.end_think:
+                    inside[r] = False
+                elif inside[r]:
+                    n_think[r] += 1
+                    if n_think[r] >= gen.max_thinking_tokens and stats.thinking_cut[r] < 0:
+                        forced[r] = list(thinking.cutoff)
+                        inside[r] = False
+                        stats.thinking_cut[r] = step + 1
+        yield tok
+        stats.new_tokens = step + 1
+        seen = np.concatenate([seen, tok[:, None]], axis=1)
+        if len(eos):
+            unfinished &= ~np.isin(tok, eos)
+        if not unfinished.any() or step + 1 == gen.max_new_tokens:
+            break
+        out = model(input_ids=tok[:, None], cache=cache, logits_to_keep=1)
+        logits = out.logits.asnumpy()[:, -1].astype(np.float32)
+    stats.decode_s = time.perf_counter() - t0
+
+
+def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+             pixel_values_videos=None, video_grid_thw=None, *, generation_config: Optional[GenerationConfig] = None,
+             thinking: Optional[ThinkingTokens] = None, stats: Optional[StepStats] = None, **knobs) -> np.ndarray:
+    """HF-style generate: returns [B, S + new] int64 (prompt followed by the new tokens; finished rows padded).
+
+    ``knobs`` override the generation config: max_new_tokens, do_sample, temperature, top_k, top_p,
+    repetition_penalty, eos_token_id (int or list), pad_token_id, seed, max_thinking_tokens."""
+    gen = generation_config or GenerationConfig(eos_token_id=list(model.config.text.eos_token_id or []),
+                                                pad_token_id=model.config.text.pad_token_id)
+    if isinstance(knobs.get("eos_token_id"), int):
+        knobs["eos_token_id"] = [knobs["eos_token_id"]]
+    unknown = set(knobs) - {f.name for f in fields(GenerationConfig)}
+    if unknown:
+        raise TypeError(f"generate() got unknown arguments: {sorted(unknown)}")
+    gen = replace(gen, **knobs)
+    inputs = dict(input_ids=np.asarray(input_ids), attention_mask=attention_mask, pixel_values=pixel_values,
+                  image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                  video_grid_thw=video_grid_thw)
+    ids = inputs["input_ids"] if inputs["input_ids"].ndim == 2 else inputs["input_ids"][None]
+    new = [t for t in iter_tokens(model, inputs, gen, thinking, stats)]
+    if not new:
+        return ids.astype(np.int64)
+    return np.concatenate([ids.astype(np.int64), np.stack(new, axis=1)], axis=1)
