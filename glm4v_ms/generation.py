@@ -113,6 +113,11 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
     unfinished = np.ones(b, dtype=bool)
     # thinking state per row: tokens produced inside <think>, whether </think> was seen, forced queue
     inside = np.zeros(b, dtype=bool)
+    if thinking is not None:  # a prompt may already open <think> (templates that pre-fill it)
+        for r in range(b):
+            opened = np.flatnonzero(ids[r] == thinking.think)
+            closed = np.flatnonzero(ids[r] == thinking.end_think)
+            inside[r] = len(opened) > 0 and (len(closed) == 0 or closed[-1] < opened[-1])
     n_think = np.zeros(b, dtype=np.int64)
     forced: List[List[int]] = [[] for _ in range(b)]
     stats.thinking_cut = [-1] * b
