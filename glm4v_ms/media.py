@@ -1,0 +1,439 @@
+"""Loading images, PDF pages and videos from the sources a user can give, with errors that say what went wrong.
+
+Sources: file paths, ``file://`` and ``http(s)://`` URLs, ``data:`` URIs (base64 or percent-encoded), PIL images and
+numpy arrays (HWC or HW; uint8, uint16, or float in [0, 1]). Remote fetches have a timeout and a size cap
+(``MediaOptions``). Every error is a ``MediaError`` subclass whose message starts with the input (path, URL, or a short
+description of an in-memory object) and ends with what to do about it.
+
+PyAV (videos) and pypdfium2 (PDFs) are optional; a missing one raises ``MissingDependencyError`` with the pip command.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import os
+import re
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+AV_PIN = "av==18.1.0"
+PYPDFIUM2_PIN = "pypdfium2==5.15.2"
+
+
+# ----------------------------------------------------------------------------------------------------------- errors
+class MediaError(ValueError):
+    """A media input could not be used. ``source`` names the input; the message says what to do."""
+
+    def __init__(self, source: str, problem: str, hint: str = ""):
+        self.source = source
+        super().__init__(f"{source}: {problem}" + (f". {hint}" if hint else ""))
+
+
+class MediaNotFoundError(MediaError):
+    """The path does not exist."""
+
+
+class EmptyMediaError(MediaError):
+    """The file or download has zero bytes."""
+
+
+class UnreadableMediaError(MediaError):
+    """The bytes are not a format we can decode (e.g. a text file named .png), or the array has a bad shape/dtype."""
+
+
+class CorruptMediaError(MediaError):
+    """The format is recognised but the data is damaged (e.g. a truncated JPEG)."""
+
+
+class ImageTooLargeError(MediaError):
+    """More pixels than the configured limit (PIL's decompression-bomb guard, made an error)."""
+
+
+class AspectRatioError(MediaError):
+    """Longer side over 200 times the shorter side: the vision tower cannot take it."""
+
+
+class UnsupportedSourceError(MediaError):
+    """A URL scheme or Python type we do not load from."""
+
+
+class FetchError(MediaError):
+    """A URL could not be downloaded: unreachable, HTTP error, timeout, or over the size cap."""
+
+
+class PageRangeError(MediaError):
+    """Requested PDF pages outside the document."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional package (PyAV, pypdfium2) is needed for this input."""
+
+
+@dataclass
+class MediaOptions:
+    """How sources are fetched and guarded.
+
+    timeout: seconds for connecting to and reading from a URL.
+    max_fetch_bytes: a download larger than this is refused (checked on Content-Length and while reading).
+    max_image_pixels: images (and rendered PDF pages) with more pixels raise ``ImageTooLargeError``; defaults to
+        PIL's decompression-bomb threshold, so PIL's own warning becomes an error.
+    pdf_dpi: resolution of rendered PDF pages (GLM-4.1V's document demos use about 180).
+    """
+
+    timeout: float = 10.0
+    max_fetch_bytes: int = 200 * 1024 * 1024
+    max_image_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    pdf_dpi: float = 180.0
+
+
+# ---------------------------------------------------------------------------------------------------- source naming
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
+def describe(source) -> str:
+    """A short name for error messages: the path or URL itself, or the type and shape of an in-memory object."""
+    if isinstance(source, (str, os.PathLike)):
+        s = os.fspath(source)
+        return f"{s[:40]}... ({len(s)} chars)" if s.startswith("data:") and len(s) > 60 else s
+    if isinstance(source, Image.Image):
+        return f"PIL image {source.width}x{source.height} mode {source.mode}"
+    if isinstance(source, np.ndarray):
+        return f"numpy array shape {source.shape} dtype {source.dtype}"
+    if isinstance(source, (bytes, bytearray)):
+        return f"{len(source)} bytes"
+    return f"object of type {type(source).__name__}"
+
+
+def local_path(source: Union[str, os.PathLike]) -> Optional[str]:
+    """The filesystem path for a plain path or ``file://`` URL; None for other URLs and data URIs."""
+    s = os.fspath(source)
+    m = _SCHEME.match(s)
+    if m is None or (len(m.group(1)) == 1 and os.name == "nt"):  # "C:\..." is a Windows path, not a scheme
+        return s
+    scheme = m.group(1).lower()
+    if scheme != "file":
+        # "notes:v2.png" is a legal file name on POSIX; only treat it as a URL when no such file exists.
+        return s if scheme not in ("http", "https", "data") and os.path.exists(s) else None
+    parsed = urllib.parse.urlparse(s)
+    if parsed.netloc not in ("", "localhost"):
+        raise UnsupportedSourceError(s, f"file URL on host {parsed.netloc!r}", "only local file:// URLs are read")
+    return urllib.request.url2pathname(parsed.path)
+
+
+def read_bytes(source: Union[str, os.PathLike], options: MediaOptions) -> bytes:
+    """All bytes of a path, ``file://`` / ``http(s)://`` URL, or ``data:`` URI."""
+    s = os.fspath(source)
+    path = local_path(s)
+    if path is not None:
+        check_file(path, s)
+        with open(path, "rb") as f:
+            return f.read()
+    scheme = _SCHEME.match(s).group(1).lower()
+    if scheme == "data":
+        return _decode_data_uri(s)
+    if scheme in ("http", "https"):
+        return _fetch(s, options)
+    raise UnsupportedSourceError(s, f"unsupported URL scheme '{scheme}:'",
+                                 "use a local path, file://, http://, https:// or a data: URI")
+
+
+def check_file(path: str, name: str) -> None:
+    """Clear errors for a missing path, a directory, or a zero-byte file."""
+    if not os.path.exists(path):
+        raise MediaNotFoundError(name, "no such file", "check the path (relative paths are taken from "
+                                 f"{os.getcwd()})")
+    if os.path.isdir(path):
+        raise UnreadableMediaError(name, "is a directory, not a file", "pass the path of an image, video or PDF")
+    if os.path.getsize(path) == 0:
+        raise EmptyMediaError(name, "file is empty (0 bytes)", "re-create or re-download the file")
+
+
+def _decode_data_uri(uri: str) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep:
+        raise UnreadableMediaError(describe(uri), "data: URI without a ',' before the payload",
+                                   "use data:<mime>;base64,<data>")
+    try:
+        if header.lower().endswith(";base64"):
+            data = base64.b64decode(payload.strip(), validate=False)
+        else:
+            data = urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as e:
+        raise UnreadableMediaError(describe(uri), f"invalid base64 payload ({e})", "re-encode the file") from None
+    if not data:
+        raise EmptyMediaError(describe(uri), "data: URI has an empty payload")
+    return data
+
+
+def _fetch(url: str, options: MediaOptions) -> bytes:
+    cap = options.max_fetch_bytes
+    request = urllib.request.Request(url, headers={"User-Agent": "glm4v_ms"})
+    try:
+        with urllib.request.urlopen(request, timeout=options.timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > cap:
+                raise FetchError(url, f"download of {int(length)} bytes exceeds the {cap}-byte cap",
+                                 "raise MediaOptions.max_fetch_bytes or fetch the file yourself")
+            data = response.read(cap + 1)  # one byte over the cap tells "too big" from "exactly the cap"
+    except urllib.error.HTTPError as e:
+        raise FetchError(url, f"HTTP error {e.code} {e.reason}", "check the URL") from None
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        raise FetchError(url, f"could not fetch ({reason})",
+                         f"check the URL and network; the timeout is {options.timeout} s") from None
+    if len(data) > cap:
+        raise FetchError(url, f"download exceeds the {cap}-byte cap",
+                         "raise MediaOptions.max_fetch_bytes or fetch the file yourself")
+    if not data:
+        raise EmptyMediaError(url, "the server returned 0 bytes")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------- images
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def source_data(source, options: MediaOptions) -> Union[str, bytes]:
+    """A local path (left unread, so PIL / PyAV stream from disk) or the bytes of a URL, data: URI or bytes."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise EmptyMediaError(describe(source), "no bytes given")
+        return bytes(source)
+    path = local_path(source)
+    if path is not None:
+        check_file(path, describe(source))
+        return path
+    return read_bytes(source, options)
+
+
+def is_pdf(data: Union[str, bytes]) -> bool:
+    """Sniff the ``%PDF-`` magic of a path or bytes (file names are not trusted)."""
+    if isinstance(data, bytes):
+        return data[:5] == b"%PDF-"
+    with open(data, "rb") as f:
+        return f.read(5) == b"%PDF-"
+
+
+def load_images(source, options: Optional[MediaOptions] = None, pages=None, dpi=None) -> List[Image.Image]:
+    """One image, or every selected page when ``source`` is a PDF (sniffed by content, not by name)."""
+    options = options or MediaOptions()
+    if isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        data = source_data(source, options)
+        if is_pdf(data):
+            return load_pdf(data, pages=pages, dpi=dpi, options=options, name=describe(source))
+        return [load_image(data, options, name=describe(source))]
+    return [load_image(source, options)]
+
+
+def load_image(source, options: Optional[MediaOptions] = None, name: Optional[str] = None) -> Image.Image:
+    """Open ``source`` as a fully decoded PIL image with its EXIF orientation applied (mode unchanged).
+
+    EXIF: transformers' ``load_image`` transposes files it opens but not PIL images passed in; we transpose both,
+    so a photo taken sideways is always seen upright.
+    """
+    options = options or MediaOptions()
+    name = name or describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        return array_to_image(source, name)
+    elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        data = source_data(source, options)
+        image = _open_image(data if isinstance(data, str) else io.BytesIO(data), name, options)
+    else:
+        raise UnsupportedSourceError(name, "is not an image source",
+                                     "pass a path, URL, data: URI, PIL.Image or numpy array")
+    _check_pixels(image.width, image.height, name, options)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CorruptMediaError(name, f"image data is truncated or damaged ({e})",
+                                "re-download or re-export the file") from None
+    return ImageOps.exif_transpose(image)
+
+
+def _open_image(fp, name: str, options: MediaOptions) -> Image.Image:
+    raise_pil_limit = options.max_image_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS
+    with _PIL_LIMIT_LOCK if raise_pil_limit else contextlib.nullcontext(), warnings.catch_warnings():
+        # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; our own check below decides instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        if raise_pil_limit:  # a user limit above PIL's: lift PIL's guard for this open only (under the lock)
+            Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(fp)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(name, f"refused by PIL's decompression-bomb guard ({e})",
+                                     "raise MediaOptions.max_image_pixels if the image is trusted") from None
+        except UnidentifiedImageError:
+            raise UnreadableMediaError(name, "is not an image format PIL can read",
+                                       "check that the file really is a PNG/JPEG/WebP/... image") from None
+        finally:
+            if raise_pil_limit:  # only the lifting path touches the global, so no other thread can race it
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(width: int, height: int, name: str, options: MediaOptions) -> None:
+    if width * height > options.max_image_pixels:
+        raise ImageTooLargeError(name, f"{width}x{height} = {width * height} pixels exceeds the limit of "
+                                 f"{options.max_image_pixels} (possible decompression bomb)",
+                                 "raise MediaOptions.max_image_pixels if the image is trusted")
+    if width == 0 or height == 0:
+        raise UnreadableMediaError(name, f"image has zero size {width}x{height}")
+
+
+def array_to_image(array: np.ndarray, name: str) -> Image.Image:
+    """An HWC / HW numpy image as PIL. uint8 as is; uint16 as 16-bit gray/colour; float must lie in [0, 1]."""
+    a = np.asarray(array)
+    if a.size == 0:
+        raise UnreadableMediaError(name, "array is empty")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]  # [H, W, 1] -> [H, W]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
+        hint = "channels-first arrays must be transposed to HWC" if a.ndim == 3 and a.shape[0] in (1, 3, 4) else \
+            "pass [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]"
+        raise UnreadableMediaError(name, "array is not an image in HWC layout", hint)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.all(np.isfinite(a)) or a.min() < 0.0 or a.max() > 1.0:
+            raise UnreadableMediaError(name, f"float image values must lie in [0, 1], got [{np.nanmin(a)}, "
+                                       f"{np.nanmax(a)}]", "divide 0-255 data by 255 or pass uint8")
+        a = np.round(a.astype(np.float64) * 255.0).astype(np.uint8)  # round, not truncate: u/255*255 -> u
+    elif a.dtype == np.uint16:
+        a = (a >> 8).astype(np.uint8)  # 16-bit -> top 8 bits, like a 16-bit PNG shown on an 8-bit screen
+    elif a.dtype != np.uint8:
+        raise UnreadableMediaError(name, f"unsupported dtype {a.dtype}", "pass uint8, uint16 or float in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+# -------------------------------------------------------------------------------------------------------------- PDF
+def parse_pages(pages, num_pages: int, name: str) -> List[int]:
+    """1-based page numbers (int, iterable, or "1-3,5") -> 0-based indices; None means every page."""
+    if pages is None:
+        return list(range(num_pages))
+    if isinstance(pages, int):
+        numbers = [pages]
+    elif isinstance(pages, str):
+        numbers = []
+        for part in pages.replace(" ", "").split(","):
+            lo, _, hi = part.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                raise PageRangeError(name, f"cannot parse page range {pages!r}", "use e.g. '1-3,5' (1-based)")
+            numbers.extend(range(int(lo), int(hi or lo) + 1))
+    else:
+        numbers = [int(p) for p in pages]
+    bad = [p for p in numbers if not 1 <= p <= num_pages]
+    if bad or not numbers:
+        raise PageRangeError(name, f"pages {bad or pages!r} are outside the document's 1..{num_pages}",
+                             "page numbers start at 1")
+    return [p - 1 for p in numbers]
+
+
+def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[MediaOptions] = None,
+             name: Optional[str] = None) -> List[Image.Image]:
+    """Render PDF pages to RGB images at ``dpi`` (default ``options.pdf_dpi`` = 180); ``pages`` are 1-based."""
+    options = options or MediaOptions()
+    name = name or describe(source)
+    try:
+        import pypdfium2 as pdfium
+    except ImportError:
+        raise MissingDependencyError(f"{name}: reading PDF documents needs pypdfium2; install it with "
+                                     f"`pip install {PYPDFIUM2_PIN}`") from None
+    dpi = float(dpi or options.pdf_dpi)
+    data = source_data(source, options)
+    try:
+        document = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as e:
+        raise CorruptMediaError(name, f"cannot open as a PDF ({e})", "check that the file is a valid PDF") from None
+    try:
+        images = []
+        scale = dpi / 72.0  # PDF user space is 72 units per inch
+        for index in parse_pages(pages, len(document), name):
+            page = document[index]
+            width_pt, height_pt = page.get_size()
+            _check_pixels(round(width_pt * scale), round(height_pt * scale), f"{name} page {index + 1}", options)
+            images.append(page.render(scale=scale).to_pil().convert("RGB"))
+        return images
+    finally:
+        document.close()
+
+
+# ------------------------------------------------------------------------------------------------------------ video
+@dataclass
+class DecodedVideo:
+    """Frames decoded from a file: ``frames[k]`` is source frame ``frame_indices[k]`` as [H, W, 3] uint8 RGB."""
+
+    frames: List[np.ndarray]
+    frame_indices: List[int]
+    fps: float
+    total_num_frames: int
+    source: str
+
+
+def decode_video(source, select: Callable[[int, float], Sequence[int]],
+                 options: Optional[MediaOptions] = None) -> DecodedVideo:
+    """Decode only the frames ``select(total_frames, fps)`` asks for, with PyAV.
+
+    Like transformers' PyAV reader: total frames from the stream header, fps = average_rate, duration = total / fps.
+    When the container does not record a frame count, every frame is decoded once to count them.
+    """
+    options = options or MediaOptions()
+    name = describe(source)
+    try:
+        import av
+    except ImportError:
+        raise MissingDependencyError(f"{name}: decoding video needs PyAV; install it with "
+                                     f"`pip install {AV_PIN}`") from None
+    data = source_data(source, options)
+    target = data if isinstance(data, str) else io.BytesIO(data)
+    try:
+        container = av.open(target)
+    except (av.error.FFmpegError, OSError) as e:
+        raise UnreadableMediaError(name, f"cannot open as a video ({e})",
+                                   "check that the file is a video format FFmpeg can read") from None
+    with container:
+        if not container.streams.video:
+            raise UnreadableMediaError(name, "has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate:
+            raise CorruptMediaError(name, "video stream has no frame rate", "re-encode the file (e.g. with ffmpeg)")
+        fps = float(rate)
+        total = int(stream.frames or 0)
+        try:
+            if total <= 0:  # no frame count in the header: decode everything, then select
+                every = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+                total = len(every)
+                if total == 0:
+                    raise CorruptMediaError(name, "video stream has no decodable frames")
+                wanted = [min(int(i), total - 1) for i in select(total, fps)]
+                return DecodedVideo([every[i] for i in wanted], wanted, fps, total, name)
+            wanted = [int(i) for i in select(total, fps)]
+            wanted_set, last_wanted = set(wanted), max(wanted)
+            got = {}
+            for i, frame in enumerate(container.decode(stream)):
+                if i > last_wanted:
+                    break
+                if i in wanted_set:
+                    got[i] = frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as e:
+            raise CorruptMediaError(name, f"video data is damaged ({e})", "re-encode the file") from None
+    if not got:
+        raise CorruptMediaError(name, "no frames could be decoded")
+    # Headers can overstate the frame count; a missing index takes the last frame that did decode.
+    decoded = sorted(got)
+    frames = [got[i] if i in got else got[decoded[-1]] for i in wanted]
+    return DecodedVideo(frames, wanted, fps, total, name)
