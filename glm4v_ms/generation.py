@@ -143,8 +143,9 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
                         forced[r] = list(thinking.cutoff)
                         inside[r] = False
                         stats.thinking_cut[r] = step + 1
-        yield tok
         stats.new_tokens = step + 1
+        stats.decode_s = time.perf_counter() - t0  # kept current: a consumer may stop early (EOS in a stream)
+        yield tok
         seen = np.concatenate([seen, tok[:, None]], axis=1)
         if len(eos):
             unfinished &= ~np.isin(tok, eos)
@@ -152,7 +153,6 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
             break
         out = model(input_ids=tok[:, None], cache=cache, logits_to_keep=1)
         logits = out.logits.asnumpy()[:, -1].astype(np.float32)
-    stats.decode_s = time.perf_counter() - t0
 
 
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -178,3 +178,102 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     if not new:
         return ids.astype(np.int64)
     return np.concatenate([ids.astype(np.int64), np.stack(new, axis=1)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming text
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Piece:
+    text: str
+    kind: str  # "thinking" or "answer"
+
+
+def thinking_tokens(tokenizer) -> Optional[ThinkingTokens]:
+    """<think>, </think> and the cut-off "</think><answer>" from the tokenizer; None if it lacks them."""
+    vocab = tokenizer.get_vocab()
+    names = ("<think>", "</think>", "<answer>")
+    if not all(n in vocab for n in names):
+        return None
+    t, e, a = (int(vocab[n]) for n in names)
+    return ThinkingTokens(think=t, end_think=e, cutoff=[e, a])
+
+
+class _IncrementalDecoder:
+    """Decodes a growing token list piece by piece without splitting a UTF-8 character across pieces: text is only
+    released when it no longer ends in the replacement character of an incomplete byte sequence."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.reset()
+
+    def reset(self):
+        self.ids: List[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=False)
+        after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=False)
+        after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=False)
+        self.reset()
+        return after[len(before):]
+
+
+def stream_generate(model, tokenizer, inputs: Dict, generation_config: Optional[GenerationConfig] = None, *,
+                    stats: Optional[StepStats] = None, tokens_out: Optional[List[int]] = None,
+                    **knobs) -> Iterator[Piece]:
+    """Generate for one prompt and yield text pieces as they decode, tagged ``thinking`` or ``answer``.
+
+    The <think>/</think>/<answer>/</answer> markers switch the tag and are not yielded; EOS tokens end the stream.
+    ``max_thinking_tokens`` (a knob) cuts thinking with a forced "</think><answer>". The generated ids are appended
+    to ``tokens_out`` if given."""
+    ids = np.asarray(inputs["input_ids"])
+    if ids.ndim == 2 and ids.shape[0] != 1:
+        raise ValueError(f"stream_generate takes one prompt; got a batch of {ids.shape[0]} (use generate())")
+    gen = generation_config or GenerationConfig(eos_token_id=list(model.config.text.eos_token_id or []),
+                                                pad_token_id=model.config.text.pad_token_id)
+    gen = replace(gen, **knobs)
+    think = thinking_tokens(tokenizer)
+    vocab = tokenizer.get_vocab()
+    markers = {i for i in (vocab.get("<answer>"), vocab.get("</answer>")) if i is not None}
+    eos = set(gen.eos_token_id or [])
+    flat = ids.reshape(-1)
+    kind = "answer"
+    if think is not None:
+        opened = np.flatnonzero(flat == think.think)
+        closed = np.flatnonzero(flat == think.end_think)
+        if len(opened) and (not len(closed) or closed[-1] < opened[-1]):
+            kind = "thinking"
+    dec = _IncrementalDecoder(tokenizer)
+    for step_tokens in iter_tokens(model, inputs, gen, think, stats):
+        tok = int(step_tokens[0])
+        if tokens_out is not None:
+            tokens_out.append(tok)
+        is_marker = think is not None and tok in (think.think, think.end_think)
+        if is_marker or tok in markers or tok in eos:
+            rest = dec.flush()
+            if rest:
+                yield Piece(rest, kind)
+            if think is not None and tok == think.think:
+                kind = "thinking"
+            elif think is not None and tok == think.end_think:
+                kind = "answer"
+            if tok in eos:
+                return
+            continue
+        piece = dec.push(tok)
+        if piece:
+            yield Piece(piece, kind)
+    rest = dec.flush()
+    if rest:
+        yield Piece(rest, kind)

@@ -209,6 +209,16 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return Glm4vOutput(logits=logits, rope_deltas=deltas, position_ids=position_ids, hidden_states=all_hidden,
                            vision_stages=stages)
 
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, **kwargs) -> np.ndarray:
+        """HF-compatible generate: [B, S + new] ids (prompt then new tokens). Keyword arguments: max_new_tokens,
+        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, seed,
+        max_thinking_tokens, generation_config (see glm4v_ms.generation.generate)."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                        video_grid_thw, **kwargs)
+
     def logits(self, hidden: Tensor) -> Tensor:
         w = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return ops.linear(hidden, w)

@@ -27,23 +27,17 @@ TINY_VISION = {
     "attention_bias": False, "in_channels": 3, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
     "image_size": 336, "rms_norm_eps": 1e-5, "model_type": "glm4v",
 }
-# GLM-4.1V's special-token ids sit in this order right after the base vocabulary.
-SPECIAL_ORDER = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
-                 "<|end_of_video|>", "<|image|>", "<|video|>"]
 
 
-def tiny_config(vocab_size: int, special_ids: Dict[str, int]) -> Dict:
-    text = dict(TINY_TEXT, vocab_size=vocab_size, pad_token_id=special_ids["<|endoftext|>"],
-                eos_token_id=[special_ids[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")
-                              if t in special_ids] + ([special_ids["</answer>"]] if "</answer>" in special_ids else []))
-    return {
-        "architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v",
-        "image_token_id": special_ids["<|image|>"], "video_token_id": special_ids["<|video|>"],
-        "image_start_token_id": special_ids["<|begin_of_image|>"], "image_end_token_id": special_ids["<|end_of_image|>"],
-        "video_start_token_id": special_ids["<|begin_of_video|>"], "video_end_token_id": special_ids["<|end_of_video|>"],
-        "tie_word_embeddings": False, "torch_dtype": "float32", "text_config": text, "vision_config": dict(TINY_VISION),
-    }
+def tiny_config(vocab_size: int, token_ids: Dict) -> Dict:
+    """config.json of the tiny model (nested 4.57 layout); token ids come from its tokenizer."""
+    text = dict(TINY_TEXT, vocab_size=vocab_size, pad_token_id=token_ids["pad_token_id"],
+                eos_token_id=list(token_ids["eos_token_id"]))
+    top = {k: token_ids[k] for k in ("image_token_id", "video_token_id", "image_start_token_id",
+                                     "image_end_token_id", "video_start_token_id", "video_end_token_id")}
+    return dict({"architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v",
+                 "tie_word_embeddings": False, "torch_dtype": "float32", "text_config": text,
+                 "vision_config": dict(TINY_VISION)}, **top)
 
 
 def random_weights(config_dict: Dict, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -86,8 +80,8 @@ def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
     try:
-        special, vocab = _write_tokenizer(tmp)
-        cfg = tiny_config(vocab, special)
+        token_ids, vocab = _write_tokenizer(tmp)
+        cfg = tiny_config(vocab, token_ids)
         _write_json(os.path.join(tmp, "config.json"), cfg)
         save_file(random_weights(cfg, seed), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, "generation_config.json"), {
@@ -111,12 +105,9 @@ def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False) -> str:
 
 
 def _write_tokenizer(folder: str):
-    """Writes the offline test tokenizer (if available) and returns (special token ids, model vocab size)."""
-    try:
-        from .tiny_tokenizer import build_tiny_tokenizer, special_token_ids
-    except ImportError:  # tokenizer module not present: ids follow a 256-entry byte vocabulary
-        ids = {tok: 256 + i for i, tok in enumerate(SPECIAL_ORDER)}
-        return ids, 256 + len(SPECIAL_ORDER) + 16
+    """Writes the offline GLM-4.1V test tokenizer (with its chat template); returns (config token ids, vocab size).
+    The embedding gets a few spare rows beyond the tokenizer, as the real model has (151552 > 151329 + specials)."""
+    from .tiny_tokenizer import build_tiny_tokenizer, model_token_ids
+
     tok = build_tiny_tokenizer(folder)
-    ids = special_token_ids(tok)
-    return ids, int(math.ceil(len(tok) / 64.0) * 64)  # padded embedding rows, like the real 151552 > 151329
+    return model_token_ids(tok), (len(tok) // 64 + 1) * 64

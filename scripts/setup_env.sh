@@ -12,8 +12,10 @@ py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat "$req" requirements.txt constraints.txt | sha1sum | cut -c1-12)
-if [ ! -f "$stamp" ]; then
+stamp_of() { echo ".venv/.installed-$(cat "$1" requirements.txt constraints.txt | sha1sum | cut -c1-12)"; }
+stamp=$(stamp_of "$req")
+# The dev set contains the runtime set: a current dev install satisfies a runtime request.
+if [ ! -f "$stamp" ] && ! { [ "$req" = requirements.txt ] && [ -f "$(stamp_of requirements-dev.txt)" ]; }; then
   echo "[setup] installing $req into .venv (first time only; ~80 s and ~4 GB with the test packages)" >&2
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" -c constraints.txt >&2
   .venv/bin/python -c "import numpy, sys; sys.exit(0 if numpy.__version__.startswith('1.') else 'numpy 2.x got installed: MindSpore 2.10 needs numpy 1.x')"

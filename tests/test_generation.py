@@ -49,7 +49,7 @@ def test_greedy_equals_transformers(ref_models, case):
     folder, ref = ref_models("untied", seed=0, **UNTIED)
     model = Glm4vForConditionalGeneration.from_pretrained(folder)
     inputs = CASES[case]
-    ours = generate(model, **inputs, max_new_tokens=NEW, eos_token_id=[], do_sample=False)
+    ours = model.generate(**inputs, max_new_tokens=NEW, eos_token_id=[], do_sample=False)
     theirs = _hf_generate(ref, inputs, max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=None)
     assert ours.shape == theirs.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + NEW)
     diff = np.argwhere(ours != theirs)

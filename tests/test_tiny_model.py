@@ -3,8 +3,6 @@ in one line without a traceback."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,22 +28,3 @@ def test_tiny_model_folder_loads_and_runs(tmp_path):
         assert json.load(f)["eos_token_id"] == c.text.eos_token_id
     with pytest.raises(FileExistsError, match="already exists"):
         make_tiny_model(folder)
-
-
-def _run(*args):
-    env = dict(os.environ, GLOG_v="3")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_smoke_forward_cli(tmp_path):
-    folder = make_tiny_model(str(tmp_path / "tiny"))
-    r = _run("tools/smoke_forward.py", "--model_name", folder, "--grid", "1", "4", "6")
-    assert r.returncode == 0, r.stderr
-    assert "logits: (1, 14, " in r.stdout and "finite: True" in r.stdout
-
-
-def test_smoke_forward_cli_bad_folder(tmp_path):
-    r = _run("tools/smoke_forward.py", "--model_name", str(tmp_path / "missing"))
-    assert r.returncode == 1
-    lines = [l for l in r.stderr.splitlines() if l.strip() and "WARNING" not in l]
-    assert lines == [f"error: model folder not found: {tmp_path / 'missing'}"], r.stderr

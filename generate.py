@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Run GLM-4.1V on images, a video, a PDF or text, streaming the answer to stdout.
+
+Examples:
+  python generate.py --model_name tiny-random --image cat.png --prompt "Describe the image."
+  python generate.py --model_name /models/GLM-4.1V-9B-Thinking --image a.jpg --image b.jpg --prompt "Compare."
+  python generate.py --model_name /models/GLM-4.1V-9B-Thinking --video clip.mp4 --prompt "What happens?"
+  python generate.py --model_name /models/GLM-4.1V-9B-Thinking --pdf paper.pdf --pdf_pages 1-3 --prompt "Summarise."
+  echo -e "Hi\\nAnd then?" | python generate.py --model_name tiny-random --chat
+
+Thinking goes to stdout in grey (hidden with --hide_thinking); timings and progress go to stderr. Sampling defaults
+are the official recipe's (top_k 2, top_p 1e-5, repetition_penalty 1.1); --greedy decodes deterministically.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_name", default="tiny-random",
+                    help="a GLM-4.1V folder, a hub id (downloaded when online), or tiny-random (built-in, random)")
+    ap.add_argument("--image", action="append", default=[], help="image path / URL (repeatable)")
+    ap.add_argument("--video", help="video path / URL")
+    ap.add_argument("--pdf", help="PDF document: each page becomes an image")
+    ap.add_argument("--pdf_pages", help="pages to use, e.g. 1-3,5 (default: all)")
+    ap.add_argument("--pdf_dpi", type=float, default=None, help="PDF render resolution (default 180)")
+    ap.add_argument("--prompt", help="the user message (required unless --chat)")
+    ap.add_argument("--system", help="system message")
+    ap.add_argument("--max_new_tokens", type=int, default=8192)
+    ap.add_argument("--max_thinking_tokens", type=int, default=None,
+                    help="force </think><answer> after this many thinking tokens (official 'academic' recipe: 8192)")
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample off)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, default=2)
+    ap.add_argument("--top_p", type=float, default=1e-5)
+    ap.add_argument("--repetition_penalty", type=float, default=1.1)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--hide_thinking", action="store_true", help="do not print the thinking part")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (per turn) instead of streaming text")
+    ap.add_argument("--chat", action="store_true", help="multi-turn: one user message per stdin line")
+    ap.add_argument("--draw_boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the first image")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
+    args = ap.parse_args(argv)
+    if not args.chat and args.prompt is None:
+        ap.error("--prompt is required (or use --chat)")
+    return args
+
+
+def run_turn(pipe, args, messages, first_image):
+    from glm4v_ms.pipeline import ChatResult
+
+    result = ChatResult()
+    size = first_image.size if first_image is not None else None
+    knobs = dict(max_new_tokens=args.max_new_tokens, max_thinking_tokens=args.max_thinking_tokens,
+                 do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty, seed=args.seed)
+    grey, reset = ("\033[90m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    last = None
+    for piece in pipe.stream(messages, result, image_size=size, **knobs):
+        if args.json or (piece.kind == "thinking" and args.hide_thinking):
+            continue
+        if piece.kind != last and last is not None:
+            sys.stdout.write(reset + "\n")
+        sys.stdout.write((grey if piece.kind == "thinking" else "") + piece.text)
+        sys.stdout.flush()
+        last = piece.kind
+    if args.json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    elif last is not None:
+        sys.stdout.write(reset + "\n")
+    s = result.stats
+    print(f"[{s.prompt_tokens} prompt tokens, prefill {s.prefill_s * 1000:.0f} ms; {s.new_tokens} new tokens, "
+          f"{s.decode_tok_s:.1f} tokens/s]", file=sys.stderr)
+    if args.draw_boxes and first_image is not None:
+        from glm4v_ms.output import draw_boxes
+
+        path = draw_boxes(first_image, result.boxes_pixels, args.draw_boxes)
+        print(f"[{len(result.boxes_pixels)} box(es) drawn to {path}]", file=sys.stderr)
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no tokenizer length warnings: we check the context
+    try:
+        from glm4v_ms.media import MediaError, MissingDependencyError, load_image
+        from glm4v_ms.pipeline import Glm4vPipeline
+        from glm4v_ms.processing import PromptError
+        from glm4v_ms.weights import CheckpointError
+
+        errors = (OSError, ValueError, MediaError, PromptError, CheckpointError, MissingDependencyError, KeyError)
+    except ImportError as e:
+        print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
+        return 2
+    try:
+        if args.draw_boxes and not args.image:
+            raise ValueError("--draw_boxes needs an --image to draw on")
+        if sys.stderr.isatty():  # progress for people; logs and error output stay one line per event
+            print(f"[loading {args.model_name}]", file=sys.stderr)
+        pipe = Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device)
+        first_image = load_image(args.image[0]) if args.image else None
+        media = dict(images=args.image, video=args.video, pdf=args.pdf, pdf_pages=args.pdf_pages,
+                     pdf_dpi=args.pdf_dpi, system=args.system)
+        if not args.chat:
+            run_turn(pipe, args, pipe.messages(args.prompt, **media), first_image)
+            return 0
+        history = []
+        turns = [args.prompt] if args.prompt else []
+        for line in sys.stdin:
+            if line.strip():
+                turns.append(line.rstrip("\n"))
+        for i, text in enumerate(turns):
+            if i == 0:
+                messages = pipe.messages(text, **media)
+            else:
+                messages = pipe.messages(text, system=args.system, history=history)
+            if not args.json:
+                print(f"\n>>> {text}", file=sys.stderr)
+            result = run_turn(pipe, args, messages, first_image)
+            # Earlier turns keep only the answer (the official CLI's rule); media stay in the first user turn.
+            history = [m for m in messages if m["role"] != "system"]
+            history.append({"role": "assistant", "content": result.answer})
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except errors as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

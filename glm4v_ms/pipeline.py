@@ -1,0 +1,161 @@
+"""Model + processor + generation settings: what ``generate.py`` and batch tools call.
+
+    pipe = Glm4vPipeline.from_pretrained("path/or/hub-id" | "tiny-random", dtype="float32", device="CPU")
+    messages = pipe.messages("Describe.", images=["cat.jpg"])
+    for piece in pipe.stream(messages, result):      # text pieces tagged thinking / answer
+        ...
+    result.answer, result.thinking, result.boxes, result.stats
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from .generation import GenerationConfig, Piece, StepStats, stream_generate
+from .output import Box, parse_boxes, rescale_boxes, split_thinking
+
+TINY_RANDOM = "tiny-random"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def tiny_model_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", TINY_RANDOM + "-v1")
+
+
+def resolve_model(name: str) -> str:
+    """A local folder as is; ``tiny-random`` built on first use; a hub id (``org/name``) downloaded with
+    huggingface_hub (a clear error when offline)."""
+    if name == TINY_RANDOM:
+        folder = tiny_model_dir()
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):
+            from .tiny import make_tiny_model
+
+            make_tiny_model(folder, overwrite=True)
+        return folder
+    if os.path.isdir(name):
+        return name
+    if _HUB_ID.match(name) and not os.path.exists(name):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+        except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+            raise ModelNotFoundError(
+                f"model '{name}' is not a local folder and could not be downloaded from the Hugging Face hub "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); download it elsewhere and pass its folder"
+            ) from None
+    raise ModelNotFoundError(f"model folder not found: {name} (pass a GLM-4.1V folder, a hub id like "
+                             "zai-org/GLM-4.1V-9B-Thinking, or tiny-random)")
+
+
+@dataclass
+class ChatResult:
+    thinking: str = ""
+    answer: str = ""
+    text: str = ""                   # the raw reply, markers removed
+    tokens: List[int] = field(default_factory=list)
+    boxes: List[Box] = field(default_factory=list)          # 0-1000 normalised
+    boxes_pixels: List[Box] = field(default_factory=list)   # rescaled to the first image
+    stats: StepStats = field(default_factory=StepStats)
+
+    def as_dict(self) -> Dict:
+        s = self.stats
+        return {"thinking": self.thinking, "answer": self.answer,
+                "boxes": [b.as_list() for b in self.boxes], "boxes_pixels": [b.as_list() for b in self.boxes_pixels],
+                "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
+                "prefill_ms": round(s.prefill_s * 1000, 2), "decode_tok_s": round(s.decode_tok_s, 2),
+                "thinking_cut_at": s.thinking_cut[0] if s.thinking_cut else -1}
+
+
+class Glm4vPipeline:
+    def __init__(self, model, processor, generation_config: GenerationConfig, folder: str):
+        self.model, self.processor, self.gen, self.folder = model, processor, generation_config, folder
+
+    @classmethod
+    def from_pretrained(cls, name: str, dtype: str = "float32", device: str = "CPU") -> "Glm4vPipeline":
+        from . import ops
+        from .model import Glm4vForConditionalGeneration
+        from .processing import Glm4vProcessor
+
+        ops.set_device(device)
+        folder = resolve_model(name)
+        model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        processor = Glm4vProcessor.from_pretrained(folder)
+        gen = GenerationConfig.from_pretrained(folder)
+        if not gen.eos_token_id:
+            gen.eos_token_id = list(model.config.text.eos_token_id or [])
+        if gen.pad_token_id is None:
+            gen.pad_token_id = model.config.text.pad_token_id
+        return cls(model, processor, gen, folder)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def messages(prompt: str, images: Sequence = (), video=None, pdf=None, pdf_pages=None, pdf_dpi=None,
+                 system: Optional[str] = None, history: Sequence[Dict] = ()) -> List[Dict]:
+        """HF-format messages: optional system, earlier turns, then a user turn with media items before the text."""
+        if images and video is not None:
+            from .processing import MixedMediaError
+
+            raise MixedMediaError("images and a video in one prompt are not supported by GLM-4.1V (they share the "
+                                  "<|image|> placeholder); send them as separate prompts")
+        content: List[Dict] = []
+        if pdf is not None:
+            item = {"type": "document", "document": pdf}
+            if pdf_pages:
+                item["pages"] = pdf_pages
+            if pdf_dpi:
+                item["dpi"] = pdf_dpi
+            content.append(item)
+        content += [{"type": "image", "image": im} for im in images]
+        if video is not None:
+            content.append({"type": "video", "video": video})
+        content.append({"type": "text", "text": prompt})
+        msgs: List[Dict] = [{"role": "system", "content": system}] if system else []
+        return msgs + list(history) + [{"role": "user", "content": content}]
+
+    def inputs(self, messages) -> Dict:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="np")
+
+    def generation_config(self, **overrides) -> GenerationConfig:
+        return replace(self.gen, **{k: v for k, v in overrides.items() if v is not None})
+
+    def stream(self, messages, result: ChatResult, image_size=None, **overrides) -> Iterator[Piece]:
+        """Yield pieces as they decode; ``result`` is filled in as they come and completed at the end."""
+        inputs = dict(self.inputs(messages))
+        gen = self.generation_config(**overrides)
+        ctx = self.model.config.text.max_position_embeddings
+        n_prompt = int(np.asarray(inputs["input_ids"]).shape[-1])
+        if n_prompt >= ctx:
+            raise ValueError(f"the prompt has {n_prompt} tokens but the model's context is {ctx}; use fewer or "
+                             "smaller images, a shorter video or text")
+        if n_prompt + gen.max_new_tokens > ctx:
+            gen = replace(gen, max_new_tokens=ctx - n_prompt)
+        model_inputs = {k: inputs.get(k) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                                  "pixel_values_videos", "video_grid_thw")}
+        thinking, answer = [], []
+        for piece in stream_generate(self.model, self.processor.tokenizer, model_inputs, gen,
+                                     stats=result.stats, tokens_out=result.tokens):
+            (thinking if piece.kind == "thinking" else answer).append(piece.text)
+            yield piece
+        result.thinking = "".join(thinking).strip()
+        result.text = "".join(answer)
+        _, result.answer = split_thinking(result.text)
+        result.boxes = parse_boxes(result.text)
+        if image_size is not None:
+            result.boxes_pixels = rescale_boxes(result.boxes, *image_size)
+
+    def chat(self, messages, image_size=None, **overrides) -> ChatResult:
+        result = ChatResult()
+        for _ in self.stream(messages, result, image_size=image_size, **overrides):
+            pass
+        return result

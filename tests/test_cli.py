@@ -1,0 +1,134 @@
+"""generate.py end to end in a subprocess on the tiny model: images, video, PDF, --json, --chat, --draw_boxes, and
+bad inputs that must exit non-zero with one line on stderr and no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glm4v_ms.tiny import make_tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("cli") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    imgs = []
+    for i, (h, w) in enumerate([(120, 160), (64, 200), (90, 90)]):
+        p = d / f"img{i}.png"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(p)
+        imgs.append(str(p))
+    pdf = d / "doc.pdf"
+    pages = [Image.fromarray((rng.random((300, 200, 3)) * 255).astype("uint8")) for _ in range(2)]
+    pages[0].save(pdf, "PDF", resolution=72, save_all=True, append_images=pages[1:])
+    av = pytest.importorskip("av")
+    video = d / "clip.mp4"
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for k in range(10):
+            arr = np.full((48, 64, 3), k * 20, np.uint8)
+            for pkt in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    bad = d / "notes.png"
+    bad.write_text("this is text, not an image")
+    return dict(images=imgs, pdf=str(pdf), video=str(video), bad=str(bad), dir=d)
+
+
+def run(*args, stdin=None):
+    env = dict(os.environ, GLOG_v="3")
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _stderr_lines(r):
+    return [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("[WARNING]")]
+
+
+def test_one_image_json(tiny, media):
+    r = run("--model_name", tiny, "--image", media["images"][0], "--prompt", "Describe.", "--json",
+            "--max_new_tokens", "12", "--greedy")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("thinking", "answer", "boxes", "prompt_tokens", "new_tokens", "prefill_ms", "decode_tok_s"):
+        assert key in out
+    # 120x160 -> smart_resize 112x168 -> 8x12 patches -> 24 image tokens, plus template tokens
+    assert out["prompt_tokens"] > 24 and 1 <= out["new_tokens"] <= 12
+
+
+def test_several_images_stream(tiny, media):
+    args = ["--model_name", tiny, "--prompt", "Compare them.", "--max_new_tokens", "10", "--seed", "1"]
+    for p in media["images"]:
+        args += ["--image", p]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert "prompt tokens" in r.stderr and "tokens/s" in r.stderr
+
+
+def test_video(tiny, media):
+    r = run("--model_name", tiny, "--video", media["video"], "--prompt", "What happens?", "--json",
+            "--max_new_tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["prompt_tokens"] > 10
+
+
+def test_pdf(tiny, media):
+    r = run("--model_name", tiny, "--pdf", media["pdf"], "--pdf_dpi", "36", "--prompt", "Summarise.", "--json",
+            "--max_new_tokens", "6")
+    assert r.returncode == 0, r.stderr
+    one = run("--model_name", tiny, "--pdf", media["pdf"], "--pdf_dpi", "36", "--pdf_pages", "1",
+              "--prompt", "Summarise.", "--json", "--max_new_tokens", "6")
+    assert one.returncode == 0, one.stderr
+    both = json.loads(r.stdout.strip().splitlines()[-1])["prompt_tokens"]
+    first = json.loads(one.stdout.strip().splitlines()[-1])["prompt_tokens"]
+    assert both > first, "two pages must give more image tokens than one"
+
+
+def test_chat_from_stdin(tiny, media):
+    r = run("--model_name", tiny, "--chat", "--json", "--max_new_tokens", "5", "--greedy",
+            "--image", media["images"][2], stdin="first question\nsecond question\n")
+    assert r.returncode == 0, r.stderr
+    turns = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    assert len(turns) == 2
+    assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"], "the second turn must carry the history"
+
+
+def test_draw_boxes(tiny, media):
+    out = media["dir"] / "boxes.png"
+    r = run("--model_name", tiny, "--image", media["images"][0], "--prompt", "Where?", "--max_new_tokens", "4",
+            "--draw_boxes", str(out))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (160, 120) and "drawn to" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing image", "corrupt image", "unknown model", "prompt too long",
+                                  "bad pdf pages"])
+def test_bad_inputs_one_line_no_traceback(tiny, media, kind):
+    args = {
+        "missing image": ["--model_name", tiny, "--image", str(media["dir"] / "nope.jpg"), "--prompt", "x"],
+        "corrupt image": ["--model_name", tiny, "--image", media["bad"], "--prompt", "x"],
+        "unknown model": ["--model_name", str(media["dir"] / "no-model"), "--prompt", "x"],
+        "prompt too long": ["--model_name", tiny, "--prompt", "word " * 3000],
+        "bad pdf pages": ["--model_name", tiny, "--pdf", media["pdf"], "--pdf_pages", "5-9", "--prompt", "x"],
+    }[kind]
+    r = run(*args)
+    lines = _stderr_lines(r)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    expect = {"missing image": "nope.jpg", "corrupt image": "notes.png", "unknown model": "no-model",
+              "prompt too long": "context", "bad pdf pages": "doc.pdf"}[kind]
+    assert expect in lines[0], lines[0]
