@@ -37,8 +37,10 @@ class GenerationConfig:
     max_thinking_tokens: Optional[int] = None
 
     @classmethod
-    def from_pretrained(cls, folder: str, **overrides) -> "GenerationConfig":
-        """Defaults from the model folder's generation_config.json (absent knobs keep HF's defaults)."""
+    def from_pretrained(cls, folder: str, text_config=None, **overrides) -> "GenerationConfig":
+        """Defaults from the model folder's generation_config.json; absent knobs keep HF's defaults, except
+        max_new_tokens (8192, the official recipe, instead of HF's max_length 20). EOS and pad ids missing from the
+        file come from ``text_config`` (config.json)."""
         d: Dict = {}
         path = os.path.join(folder, "generation_config.json")
         if os.path.isfile(path):
@@ -48,6 +50,11 @@ class GenerationConfig:
         cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
         if isinstance(cfg.eos_token_id, int):
             cfg.eos_token_id = [cfg.eos_token_id]
+        if text_config is not None:
+            if not cfg.eos_token_id:
+                cfg.eos_token_id = list(text_config.eos_token_id or [])
+            if cfg.pad_token_id is None:
+                cfg.pad_token_id = text_config.pad_token_id
         return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self, vocab_size: int) -> None:
@@ -155,6 +162,15 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
         logits = out.logits.asnumpy()[:, -1].astype(np.float32)
 
 
+def _default_config(model) -> GenerationConfig:
+    """The checkpoint's generation_config.json (HF's model.generation_config), else EOS/pad from config.json."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        return gen
+    return GenerationConfig(eos_token_id=list(model.config.text.eos_token_id or []),
+                            pad_token_id=model.config.text.pad_token_id)
+
+
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, *, generation_config: Optional[GenerationConfig] = None,
              thinking: Optional[ThinkingTokens] = None, stats: Optional[StepStats] = None, **knobs) -> np.ndarray:
@@ -162,8 +178,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
 
     ``knobs`` override the generation config: max_new_tokens, do_sample, temperature, top_k, top_p,
     repetition_penalty, eos_token_id (int or list), pad_token_id, seed, max_thinking_tokens."""
-    gen = generation_config or GenerationConfig(eos_token_id=list(model.config.text.eos_token_id or []),
-                                                pad_token_id=model.config.text.pad_token_id)
+    gen = generation_config or _default_config(model)
     if isinstance(knobs.get("eos_token_id"), int):
         knobs["eos_token_id"] = [knobs["eos_token_id"]]
     unknown = set(knobs) - {f.name for f in fields(GenerationConfig)}
@@ -240,9 +255,7 @@ def stream_generate(model, tokenizer, inputs: Dict, generation_config: Optional[
     ids = np.asarray(inputs["input_ids"])
     if ids.ndim == 2 and ids.shape[0] != 1:
         raise ValueError(f"stream_generate takes one prompt; got a batch of {ids.shape[0]} (use generate())")
-    gen = generation_config or GenerationConfig(eos_token_id=list(model.config.text.eos_token_id or []),
-                                                pad_token_id=model.config.text.pad_token_id)
-    gen = replace(gen, **knobs)
+    gen = replace(generation_config or _default_config(model), **knobs)
     think = thinking_tokens(tokenizer)
     vocab = tokenizer.get_vocab()
     markers = {i for i in (vocab.get("<answer>"), vocab.get("</answer>")) if i is not None}

@@ -75,6 +75,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self.lm_head = None if t.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, False, self._dtype)
         self._inv_freq = Tensor(inv_freq(t.rotary_dim, t.rope_theta))
         self._axis_of_freq = Tensor(mrope_axis_of_frequency(t.mrope_section))
+        self.generation_config = None  # set by from_pretrained from generation_config.json
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
@@ -88,6 +89,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
         model = cls(config, dtype)
         ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
         load_weights(model, folder, ignore=ignore)
+        from .generation import GenerationConfig
+
+        # Static defaults of the checkpoint (like HF's model.generation_config); not per-request state.
+        model.generation_config = GenerationConfig.from_pretrained(folder, text_config=config.text)
         return model
 
     @property

@@ -28,7 +28,15 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def tiny_model_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", TINY_RANDOM + "-v1")
+    """Where tiny-random is cached; the name carries a hash of its builders, so a changed builder rebuilds it."""
+    import hashlib
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha1()
+    for name in ("tiny.py", "tiny_tokenizer.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", f"{TINY_RANDOM}-{h.hexdigest()[:10]}")
 
 
 def resolve_model(name: str) -> str:
@@ -90,12 +98,7 @@ class Glm4vPipeline:
         folder = resolve_model(name)
         model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=dtype)
         processor = Glm4vProcessor.from_pretrained(folder)
-        gen = GenerationConfig.from_pretrained(folder)
-        if not gen.eos_token_id:
-            gen.eos_token_id = list(model.config.text.eos_token_id or [])
-        if gen.pad_token_id is None:
-            gen.pad_token_id = model.config.text.pad_token_id
-        return cls(model, processor, gen, folder)
+        return cls(model, processor, model.generation_config, folder)
 
     # ------------------------------------------------------------------------------------------------------------
     @staticmethod

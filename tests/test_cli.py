@@ -115,7 +115,7 @@ def test_draw_boxes(tiny, media):
 
 
 @pytest.mark.parametrize("kind", ["missing image", "corrupt image", "unknown model", "prompt too long",
-                                  "bad pdf pages"])
+                                  "bad pdf pages", "hub id offline"])
 def test_bad_inputs_one_line_no_traceback(tiny, media, kind):
     args = {
         "missing image": ["--model_name", tiny, "--image", str(media["dir"] / "nope.jpg"), "--prompt", "x"],
@@ -123,6 +123,7 @@ def test_bad_inputs_one_line_no_traceback(tiny, media, kind):
         "unknown model": ["--model_name", str(media["dir"] / "no-model"), "--prompt", "x"],
         "prompt too long": ["--model_name", tiny, "--prompt", "word " * 3000],
         "bad pdf pages": ["--model_name", tiny, "--pdf", media["pdf"], "--pdf_pages", "5-9", "--prompt", "x"],
+        "hub id offline": ["--model_name", "zai-org/not-a-real-model", "--prompt", "x"],  # HF_HUB_OFFLINE=1 here
     }[kind]
     r = run(*args)
     lines = _stderr_lines(r)
@@ -130,5 +131,6 @@ def test_bad_inputs_one_line_no_traceback(tiny, media, kind):
     assert "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     expect = {"missing image": "nope.jpg", "corrupt image": "notes.png", "unknown model": "no-model",
-              "prompt too long": "context", "bad pdf pages": "doc.pdf"}[kind]
+              "prompt too long": "context", "bad pdf pages": "doc.pdf",
+              "hub id offline": "could not be downloaded from the Hugging Face hub"}[kind]
     assert expect in lines[0], lines[0]
