@@ -59,7 +59,8 @@ def resolve_model(name: str) -> str:
         except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
             raise ModelNotFoundError(
                 f"model '{name}' is not a local folder and could not be downloaded from the Hugging Face hub "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); download it elsewhere and pass its folder"
+                f"({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0][:160]}); download it elsewhere and pass "
+                "its folder"
             ) from None
     raise ModelNotFoundError(f"model folder not found: {name} (pass a GLM-4.1V folder, a hub id like "
                              "zai-org/GLM-4.1V-9B-Thinking, or tiny-random)")
