@@ -34,7 +34,12 @@ def set_device(target: str = "CPU", device_id: int = 0) -> str:
         raise ValueError("device must be 'CPU' or 'Ascend'")
     if _DEVICE["target"] == target:
         return target
-    ms.set_device(target, device_id) if target == "Ascend" else ms.set_device(target)
+    try:
+        ms.set_device(target, device_id) if target == "Ascend" else ms.set_device(target)
+    except RuntimeError as e:  # e.g. a CPU-only MindSpore wheel asked for Ascend
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"device {target} is not available: {first.split('. ')[0]}; install the Ascend build of "
+                         "MindSpore with CANN, or use the CPU device") from None
     if target == "CPU":
         ms.set_context(pynative_synchronize=True)
     _DEVICE["target"] = target

@@ -95,7 +95,10 @@ class Glm4vPipeline:
         from .model import Glm4vForConditionalGeneration
         from .processing import Glm4vProcessor
 
-        ops.set_device(device)
+        target = ops.set_device(device)
+        if target == "CPU" and str(dtype).lower() in ("bfloat16", "bf16"):
+            raise ValueError("bfloat16 compute needs an Ascend device (MindSpore has no bf16 matmul on CPU); "
+                             "use --dtype float32 on CPU")
         folder = resolve_model(name)
         model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=dtype)
         processor = Glm4vProcessor.from_pretrained(folder)

@@ -115,8 +115,11 @@ def test_draw_boxes(tiny, media):
 
 
 @pytest.mark.parametrize("kind", ["missing image", "corrupt image", "unknown model", "prompt too long",
-                                  "bad pdf pages", "hub id offline"])
+                                  "bad pdf pages", "hub id offline", "bf16 on cpu",
+                                  "no ascend here"])
 def test_bad_inputs_one_line_no_traceback(tiny, media, kind):
+    if kind == "no ascend here" and (os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME")):
+        pytest.skip("a CANN environment is present: Ascend may be available here")
     args = {
         "missing image": ["--model_name", tiny, "--image", str(media["dir"] / "nope.jpg"), "--prompt", "x"],
         "corrupt image": ["--model_name", tiny, "--image", media["bad"], "--prompt", "x"],
@@ -124,6 +127,8 @@ def test_bad_inputs_one_line_no_traceback(tiny, media, kind):
         "prompt too long": ["--model_name", tiny, "--prompt", "word " * 3000],
         "bad pdf pages": ["--model_name", tiny, "--pdf", media["pdf"], "--pdf_pages", "5-9", "--prompt", "x"],
         "hub id offline": ["--model_name", "zai-org/not-a-real-model", "--prompt", "x"],  # HF_HUB_OFFLINE=1 here
+        "bf16 on cpu": ["--model_name", tiny, "--prompt", "x", "--dtype", "bfloat16"],
+        "no ascend here": ["--model_name", tiny, "--prompt", "x", "--device", "Ascend"],  # CPU-only MindSpore
     }[kind]
     r = run(*args)
     lines = _stderr_lines(r)
@@ -132,5 +137,7 @@ def test_bad_inputs_one_line_no_traceback(tiny, media, kind):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     expect = {"missing image": "nope.jpg", "corrupt image": "notes.png", "unknown model": "no-model",
               "prompt too long": "context", "bad pdf pages": "doc.pdf",
-              "hub id offline": "could not be downloaded from the Hugging Face hub"}[kind]
+              "hub id offline": "could not be downloaded from the Hugging Face hub",
+              "bf16 on cpu": "bfloat16 compute needs an Ascend device",
+              "no ascend here": "device Ascend is not available"}[kind]
     assert expect in lines[0], lines[0]
