@@ -19,6 +19,17 @@ from mindspore import Tensor, mint
 from .config import TextConfig
 
 
+def additive_causal_mask(key_mask: np.ndarray, start: int, n_new: int, dtype=np.float32) -> np.ndarray:
+    """Additive [B, 1, n_new, start + n_new] mask for queries at positions start .. start+n_new-1 over keys
+    0 .. start+n_new-1: 0 where key j is visible (j <= the query's position and key_mask[:, j] == 1), else fp32's most
+    negative finite value, as the reference's eager mask (fully masked pad rows stay finite, no NaN).
+    Without a cache it is the start = 0 case with key_mask = attention_mask."""
+    total = start + n_new
+    q_pos = np.arange(start, total)[:, None]
+    allowed = (np.arange(total)[None, :] <= q_pos)[None] & (key_mask[:, None, :total] == 1)
+    return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(dtype)[:, None]
+
+
 class CacheFullError(ValueError):
     """More tokens than the cache was allocated for (prompt + max_new_tokens)."""
 
@@ -50,12 +61,8 @@ class KVCache:
         return start
 
     def attention_mask(self, start: int, n_new: int, dtype=np.float32) -> np.ndarray:
-        """Additive [B, 1, n_new, start + n_new] mask for queries at start..start+n_new-1: a key j is visible when
-        j <= the query's index and key_mask[j] == 1."""
-        total = start + n_new
-        q_idx = np.arange(start, total)[:, None]
-        allowed = (np.arange(total)[None, :] <= q_idx)[None] & (self.key_mask[:, None, :total] == 1)
-        return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(dtype)[:, None]
+        """Additive mask of the chunk at ``start`` over everything filled so far (see additive_causal_mask)."""
+        return additive_causal_mask(self.key_mask, start, n_new, dtype)
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Write the new keys/values ([B, kv_heads, n_new, D]) at ``start`` and return all filled ones."""

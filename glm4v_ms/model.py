@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops as msops
 
 from . import ops
-from .cache import KVCache
+from .cache import KVCache, additive_causal_mask
 from .config import Glm4vConfig
 from .layers import Linear
 from .rope import get_rope_index, inv_freq, mrope_axis_of_frequency, text_cos_sin
@@ -49,15 +49,6 @@ class Glm4vModel(nn.Cell):
         super().__init__()
         self.visual = Glm4vVisionModel(config.vision, dtype)
         self.language_model = Glm4vTextModel(config.text, dtype)
-
-
-def causal_mask(attention_mask: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """Additive [B, 1, S, S] mask: 0 where query i may see key j (j <= i and key j not padding), else the dtype's
-    most negative finite value (as the reference's eager mask; fully masked pad rows stay finite)."""
-    b, s = attention_mask.shape
-    allowed = np.tril(np.ones((s, s), dtype=bool))[None] & (attention_mask[:, None, :] == 1)
-    m = np.where(allowed, np.float32(0), np.finfo(np.float32).min).astype(dtype)
-    return m[:, None]
 
 
 class Glm4vForConditionalGeneration(nn.Cell):
@@ -200,7 +191,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         cos, sin = text_cos_sin(Tensor(position_ids.astype(np.int32)), self._inv_freq, self._axis_of_freq,
                                 self.dtype)
         if cache is None:
-            m = causal_mask(mask if mask is not None else np.ones_like(ids))
+            m = additive_causal_mask(mask if mask is not None else np.ones_like(ids), 0, ids.shape[1])
         else:
             m = cache.attention_mask(start, ids.shape[1])
         out = self.language_model(embeds, cos, sin, Tensor(m).astype(self.dtype), cache=cache, start=start,
