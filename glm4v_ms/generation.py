@@ -94,6 +94,13 @@ class StepStats:
         return steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def _prompt_opens_thinking(row: np.ndarray, thinking: ThinkingTokens) -> bool:
+    """True when the prompt row leaves a <think> open (templates that pre-fill it): generation starts inside."""
+    opened = np.flatnonzero(row == thinking.think)
+    closed = np.flatnonzero(row == thinking.end_think)
+    return len(opened) > 0 and (len(closed) == 0 or closed[-1] < opened[-1])
+
+
 def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[ThinkingTokens] = None,
                 stats: Optional[StepStats] = None) -> Iterator[np.ndarray]:
     """Yield the next token of every row ([B] int64), step by step. Finished rows yield ``pad_token_id``."""
@@ -119,12 +126,7 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
     seen = ids
     unfinished = np.ones(b, dtype=bool)
     # thinking state per row: tokens produced inside <think>, whether </think> was seen, forced queue
-    inside = np.zeros(b, dtype=bool)
-    if thinking is not None:  # a prompt may already open <think> (templates that pre-fill it)
-        for r in range(b):
-            opened = np.flatnonzero(ids[r] == thinking.think)
-            closed = np.flatnonzero(ids[r] == thinking.end_think)
-            inside[r] = len(opened) > 0 and (len(closed) == 0 or closed[-1] < opened[-1])
+    inside = np.array([thinking is not None and _prompt_opens_thinking(ids[r], thinking) for r in range(b)])
     n_think = np.zeros(b, dtype=np.int64)
     forced: List[List[int]] = [[] for _ in range(b)]
     stats.thinking_cut = [-1] * b
@@ -261,12 +263,7 @@ def stream_generate(model, tokenizer, inputs: Dict, generation_config: Optional[
     markers = {i for i in (vocab.get("<answer>"), vocab.get("</answer>")) if i is not None}
     eos = set(gen.eos_token_id or [])
     flat = ids.reshape(-1)
-    kind = "answer"
-    if think is not None:
-        opened = np.flatnonzero(flat == think.think)
-        closed = np.flatnonzero(flat == think.end_think)
-        if len(opened) and (not len(closed) or closed[-1] < opened[-1]):
-            kind = "thinking"
+    kind = "thinking" if think is not None and _prompt_opens_thinking(flat, think) else "answer"
     dec = _IncrementalDecoder(tokenizer)
     for step_tokens in iter_tokens(model, inputs, gen, think, stats):
         tok = int(step_tokens[0])

@@ -86,3 +86,16 @@ def test_stream_rejects_a_batch(tmp_path):
     model = _Scripted([5], len(tok))
     with pytest.raises(ValueError, match="takes one prompt; got a batch of 2"):
         list(stream_generate(model, tok, {"input_ids": np.array([[1, 2], [3, 4]])}, GenerationConfig()))
+
+
+def test_stream_starts_inside_thinking_when_the_prompt_opens_it(tmp_path):
+    tok = build_tiny_tokenizer(str(tmp_path / "tok"))
+    v = tok.get_vocab()
+    eos = v["<|endoftext|>"]
+    script = tok.encode("hmm", add_special_tokens=False) + [v["</think>"]] + \
+        tok.encode("ok", add_special_tokens=False) + [eos]
+    model = _Scripted(script, len(tok))
+    gen = GenerationConfig(max_new_tokens=50, eos_token_id=[eos], pad_token_id=eos)
+    pieces = list(stream_generate(model, tok, {"input_ids": np.array([[1, 2, v["<think>"]]])}, gen))
+    assert "".join(p.text for p in pieces if p.kind == "thinking") == "hmm"
+    assert "".join(p.text for p in pieces if p.kind == "answer") == "ok"
