@@ -69,8 +69,19 @@ def to_numpy(x) -> Optional[np.ndarray]:
     return np.asarray(x)
 
 
+_MATMUL_TB = ops.MatMul(transpose_b=True)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    return mint.nn.functional.linear(x, weight, bias)
+    """y = x W^T + b with W in torch layout [out, in].
+
+    A 2-D MatMul with transpose_b: in PyNative on CPU, ``mint.nn.functional.linear`` and ``matmul(x, W.T)`` copy
+    the transposed weight on every call (measured: 1.8 s instead of 35 ms for a 151552 x 1024 lm_head GEMV)."""
+    shape = x.shape
+    y = _MATMUL_TB(x.reshape(-1, shape[-1]), weight)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], weight.shape[0])
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
