@@ -10,11 +10,12 @@ One object per request (or left-padded batch). It holds:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import itertools
+from typing import Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, mint
+from mindspore import Parameter, Tensor, mint, ops
 
 from .config import TextConfig
 
@@ -30,6 +31,19 @@ def additive_causal_mask(key_mask: np.ndarray, start: int, n_new: int, dtype=np.
     return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(dtype)[:, None]
 
 
+def write_index(start: Tensor, batch: int, kv_heads: int, n_new: int) -> Tensor:
+    """[B, kv_heads, n_new, 3] int32 (b, head, position) triples addressing positions start .. start+n_new-1 of a
+    [B, kv_heads, max_len, D] cache (ScatterNdUpdate indices). ``start``: int32 scalar tensor. Graph-safe."""
+    shape = (batch, kv_heads, n_new, 1)
+    bi = ops.arange(batch).astype(ms.int32).reshape(batch, 1, 1, 1).broadcast_to(shape)
+    hi = ops.arange(kv_heads).astype(ms.int32).reshape(1, kv_heads, 1, 1).broadcast_to(shape)
+    pi = (ops.arange(n_new).astype(ms.int32) + start).reshape(1, 1, n_new, 1).broadcast_to(shape)
+    return ops.concat([bi, hi, pi], -1)
+
+
+_IDS = itertools.count()
+
+
 class CacheFullError(ValueError):
     """More tokens than the cache was allocated for (prompt + max_new_tokens)."""
 
@@ -43,8 +57,15 @@ class KVCache:
                                  f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or "
                                  "lower max_new_tokens")
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [mint.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [mint.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        uid = next(_IDS)
+
+        def buf(kind, i):  # Parameters: updated in place by ScatterNdUpdate, eagerly and inside jit
+            return Parameter(mint.zeros(shape, dtype=dtype), name=f"kvcache{uid}.{kind}{i}", requires_grad=False)
+
+        self.k = [buf("k", i) for i in range(cfg.num_hidden_layers)]
+        self.v = [buf("v", i) for i in range(cfg.num_hidden_layers)]
+        self.tensors = tuple(t for pair in zip(self.k, self.v) for t in pair)  # (k_0, v_0, k_1, v_1, ...)
+        self.kv_heads = cfg.num_key_value_heads
         self.batch, self.max_len, self.dtype = batch, max_len, dtype
         self.length = 0
         self.key_mask = np.zeros((batch, max_len), dtype=np.int64)
@@ -64,12 +85,13 @@ class KVCache:
         """Additive mask of the chunk at ``start`` over everything filled so far (see additive_causal_mask)."""
         return additive_causal_mask(self.key_mask, start, n_new, dtype)
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-        """Write the new keys/values ([B, kv_heads, n_new, D]) at ``start`` and return all filled ones."""
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def index(self, start: int, n_new: int) -> Tensor:
+        """Write positions of a chunk of ``n_new`` tokens at ``start`` (see write_index)."""
+        return write_index(Tensor(start, ms.int32), self.batch, self.kv_heads, n_new)
+
+    def causal_only(self, start: int, n_new: int) -> bool:
+        """True when no key up to start + n_new is padding: the mask is then purely causal."""
+        return bool(self.key_mask[:, :start + n_new].all())
 
     def commit(self, n_new: int) -> None:
         self.length += n_new

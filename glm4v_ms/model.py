@@ -14,7 +14,7 @@ from . import ops
 from .cache import KVCache, additive_causal_mask
 from .config import Glm4vConfig
 from .layers import Linear
-from .rope import get_rope_index, inv_freq, mrope_axis_of_frequency, text_cos_sin
+from .rope import get_rope_index, half_layout_permutation, inv_freq, mrope_axis_of_frequency, text_cos_sin
 from .text import Glm4vTextModel
 from .vision import Glm4vVisionModel
 from .weights import load_weights
@@ -79,12 +79,23 @@ class Glm4vForConditionalGeneration(nn.Cell):
         config = Glm4vConfig.from_pretrained(folder)
         model = cls(config, dtype)
         ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        load_weights(model, folder, ignore=ignore)
+        load_weights(model, folder, ignore=ignore, transform=model.checkpoint_transform)
         from .generation import GenerationConfig
 
         # Static defaults of the checkpoint (like HF's model.generation_config); not per-request state.
         model.generation_config = GenerationConfig.from_pretrained(folder, text_config=config.text)
         return model
+
+    def checkpoint_transform(self, name: str, arr: np.ndarray) -> np.ndarray:
+        """HF tensor -> our parameter: the decoder's q/k projection rows (weight and bias) are permuted per head into
+        the half rotary layout (rope.half_layout_permutation); every other tensor is used as is."""
+        if ".self_attn." in name and name.startswith("model.language_model.") and \
+                name.rsplit(".", 2)[-2] in ("q_proj", "k_proj"):
+            t = self.config.text
+            perm = half_layout_permutation(t.head_dim, t.rotary_dim)
+            rows = arr.shape[0]
+            return arr.reshape(rows // t.head_dim, t.head_dim, *arr.shape[1:])[:, perm].reshape(arr.shape)
+        return arr
 
     @property
     def dtype(self):
@@ -188,14 +199,16 @@ class Glm4vForConditionalGeneration(nn.Cell):
             deltas = position_ids.max(axis=(0, 2))[:, None] + 1 - ids.shape[1]
         if cache is not None and not start:
             cache.rope_deltas = deltas
-        cos, sin = text_cos_sin(Tensor(position_ids.astype(np.int32)), self._inv_freq, self._axis_of_freq,
-                                self.dtype)
+        cos, sin = self.text_cos_sin(Tensor(position_ids.astype(np.int32)))
+        n = ids.shape[1]
         if cache is None:
-            m = additive_causal_mask(mask if mask is not None else np.ones_like(ids), 0, ids.shape[1])
+            m = additive_causal_mask(mask if mask is not None else np.ones_like(ids), 0, n)
+            caches, index, causal_only = None, None, mask is None or bool(mask.all())
         else:
-            m = cache.attention_mask(start, ids.shape[1])
-        out = self.language_model(embeds, cos, sin, Tensor(m).astype(self.dtype), cache=cache, start=start,
-                                  output_hidden_states=output_hidden_states)
+            m = cache.attention_mask(start, n)
+            caches, index, causal_only = cache.tensors, cache.index(start, n), cache.causal_only(start, n)
+        out = self.language_model(embeds, cos, sin, Tensor(m).astype(self.dtype), caches, index, start + n,
+                                  causal_only, output_hidden_states)
         if cache is not None:
             cache.commit(ids.shape[1])
         hidden, all_hidden = out if output_hidden_states else (out, None)
@@ -214,6 +227,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
         return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                         video_grid_thw, **kwargs)
+
+    def text_cos_sin(self, position_ids: Tensor):
+        """cos/sin [B, S, head_dim] of the decoder for 3D positions [3, B, S] (graph-safe)."""
+        return text_cos_sin(position_ids, self._inv_freq, self._axis_of_freq, self.config.text.head_dim, self.dtype)
 
     def logits(self, hidden: Tensor) -> Tensor:
         w = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

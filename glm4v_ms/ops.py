@@ -1,19 +1,25 @@
 """The one place where the device matters.
 
-Every op below has the semantics of the PyTorch reference (transformers 4.57, eager attention, fp32) and is
-written with MindSpore ops that have CPU kernels (see shared/reference/mindspore-cpu.md). The Ascend fast path
-(flash-attention kernels, fused rms_norm / rotary, bf16) replaces the bodies here, per device target, and nothing
-else in the package needs to know.
+Two implementations of every device-dependent op, chosen here and nowhere else:
+
+* eager (CPU, and Ascend in fp32): the semantics of the PyTorch reference (transformers 4.57, eager attention),
+  written with MindSpore ops that have CPU kernels (see shared/reference/mindspore-cpu.md). It is the reference twin
+  of every fast path and runs unchanged inside ``mindspore.jit`` (graph mode, engine.py).
+* fused (Ascend, on by default there): ``flash_attention_score`` (ViT in layout TND over cu_seqlens; causal prefill
+  with the compressed 2048 x 2048 mask, sparse_mode 3), ``fused_infer_attention_score`` (decode over the static cache
+  with native GQA), ``rms_norm``, ``rotary_position_embedding`` (mode 0) and ``swiglu``. The kernels are looked up in
+  ``KERNELS`` at call time; the tests put NumPy models of their documented semantics there (tests/ascend_sim.py).
 
 Substitutes for ops MindSpore lacks on CPU, and their measured error against torch (fp32):
 * Conv3d / Conv2d with kernel == stride: a linear layer on flattened patches (see vision.py), ~1e-6 abs.
 * grid_sample(bicubic): a hand-written separable resampler (rope.py / vision.py), ~3e-6 abs on unit tables.
 * scaled_dot_product_attention: matmul, additive mask, fp32 softmax, matmul (exactly eager_attention_forward).
-* fused rotary: the two rotation conventions written out (half-split for the ViT, interleaved for the decoder).
+* rotary: one half-split rotation for the ViT and (after a per-head q/k permutation, rope.py) the decoder.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,6 +27,29 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 _DEVICE = {"target": None}
+# Fused Ascend kernels on/off (on by default on Ascend). ``any_dtype`` lets NumPy models of the kernels (tests) run
+# the fused path in fp32; the real flash-attention kernels take float16/bfloat16 only.
+_FUSED = {"on": False, "any_dtype": False}
+
+# The Ascend kernels the fused path calls, looked up here at call time so that tests can put NumPy models of their
+# documented semantics in their place (tests/ascend_sim.py).
+KERNELS = SimpleNamespace(
+    flash_attention_score=ops.flash_attention_score,
+    fused_infer_attention_score=ops.fused_infer_attention_score,
+    rms_norm=ops.rms_norm,
+    rotary_position_embedding=ops.rotary_position_embedding,
+    swiglu=ops.swiglu,
+)
+
+
+def fused() -> bool:
+    """True when the fused Ascend kernels are in use (read at trace time inside ``mindspore.jit``)."""
+    return _FUSED["on"]
+
+
+def set_fused(on: bool, any_dtype: bool = False) -> None:
+    """Switch the fused kernels on or off for cells built and graphs compiled from now on."""
+    _FUSED["on"], _FUSED["any_dtype"] = bool(on), bool(any_dtype)
 
 
 def set_device(target: str = "CPU", device_id: int = 0) -> str:
@@ -41,7 +70,8 @@ def set_device(target: str = "CPU", device_id: int = 0) -> str:
         raise ValueError(f"device {target} is not available: {first.split('. ')[0]}; install the Ascend build of "
                          "MindSpore with CANN, or use the CPU device") from None
     if target == "CPU":
-        ms.set_context(pynative_synchronize=True)
+        ms.runtime.launch_blocking()
+    set_fused(target == "Ascend")
     _DEVICE["target"] = target
     return target
 
@@ -113,6 +143,14 @@ def silu(x: Tensor) -> Tensor:
     return mint.nn.functional.silu(x)
 
 
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for a fused projection whose last dim is [gate | up] (Ascend: ``ops.swiglu``)."""
+    if fused():
+        return KERNELS.swiglu(gate_up, -1)
+    inner = gate_up.shape[-1] // 2
+    return silu(gate_up[..., :inner]) * gate_up[..., inner:]
+
+
 def embedding(weight: Tensor, ids: Tensor) -> Tensor:
     return ops.gather(weight, ids, 0)
 
@@ -121,17 +159,27 @@ def _softmax_fp32(scores: Tensor, dtype) -> Tensor:
     return ops.softmax(scores.astype(ms.float32), axis=-1).astype(dtype)
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: Sequence[int], scale: float) -> Tensor:
+def _fused_dtype(t: Tensor) -> bool:
+    """The flash-attention kernels take float16/bfloat16 only; fp32 runs the eager math even on Ascend."""
+    return t.dtype in (ms.float16, ms.bfloat16) or _FUSED["any_dtype"]
+
+
+def vision_attention(q: Tensor, k: Tensor, v: Tensor, segments: Sequence[int], scale: float) -> Tensor:
     """Bidirectional attention confined to segments of a packed sequence (the ViT's cu_seqlens).
 
     q, k, v: [N, heads, head_dim]; ``segments`` are host ints with cu_seqlens semantics ([0, e1, e2, ..., N]).
     Each segment attends only to itself; no N x N mask is ever built. Returns [N, heads * head_dim].
-    """
+    Fused: one ``flash_attention_score`` call in layout TND with actual_seq_qlen = actual_seq_kvlen = the cumulative
+    end offsets, no mask, sparse_mode 0. Eager: a loop over the segments."""
     n, heads, hd = q.shape
+    bounds = [int(e) for i, e in enumerate(segments) if i == 0 or e > segments[i - 1]]  # drop empty segments
+    if fused() and _fused_dtype(q):
+        ends = tuple(bounds[1:])
+        out = KERNELS.flash_attention_score(q, k, v, heads, actual_seq_qlen=ends, actual_seq_kvlen=ends,
+                                            scalar_value=scale, input_layout="TND", sparse_mode=0)
+        return out.reshape(n, heads * hd)
     outs = []
-    for s, e in zip(segments[:-1], segments[1:]):
-        if e <= s:
-            continue
+    for s, e in zip(bounds[:-1], bounds[1:]):
         qs = q[s:e].transpose(1, 0, 2)  # [L, H, D] -> [H, L, D]
         ks = k[s:e].transpose(1, 0, 2)
         vs = v[s:e].transpose(1, 0, 2)
@@ -142,53 +190,81 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: Sequence[int], 
     return out.reshape(n, heads * hd)
 
 
-def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """[B, KVH, T, D] -> [B, KVH * n_rep, T, D], each kv head repeated n_rep times consecutively (HF repeat_kv)."""
-    if n_rep == 1:
-        return x
-    b, kvh, t, d = x.shape
-    x = x.reshape(b, kvh, 1, t, d)
-    x = mint.broadcast_to(x, (b, kvh, n_rep, t, d))
-    return x.reshape(b, kvh * n_rep, t, d)
+_COMPRESSED_CAUSAL = {}
 
 
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
-    """Eager GQA attention. q: [B, H, S, D]; k, v: [B, KVH, T, D]; mask: additive [B, 1, S, T] or None.
+def compressed_causal_mask() -> Tensor:
+    """The 2048 x 2048 mask the flash-attention kernels take with sparse_mode 2/3: True (discard) above the
+    diagonal. The kernel applies the causal pattern to any sequence length from it; no S x S mask is built."""
+    if "m" not in _COMPRESSED_CAUSAL:
+        _COMPRESSED_CAUSAL["m"] = Tensor(np.triu(np.ones((2048, 2048), dtype=np.bool_), 1))
+    return _COMPRESSED_CAUSAL["m"]
 
-    Returns [B, S, H * D]."""
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
+              causal_only: bool = False) -> Tensor:
+    """Decoder attention with native GQA. q: [B, H, S, D]; k, v: [B, KVH, T, D] (query head h uses kv head
+    h // (H / KVH), as HF's repeat_kv); mask: additive [B, 1, S, T] (0 keep, most negative value discard) or None.
+    ``causal_only`` says the mask is exactly causal aligned bottom-right (no padding). Returns [B, S, H * D].
+
+    Fused, S == 1 (decode): ``fused_infer_attention_score`` over the cache with num_key_value_heads (no repeated KV
+    heads) and the bool mask. Fused, S > 1 (prefill): ``flash_attention_score`` with the compressed 2048 x 2048 mask
+    and sparse_mode 3 when ``causal_only``, else the full bool mask with sparse_mode 0 (left-padded batches).
+    Eager: queries grouped per KV head ([B, KVH, rep * S, D]), matmul, additive mask, fp32 softmax, matmul."""
     b, h, s, d = q.shape
-    n_rep = h // k.shape[1]
-    k = repeat_kv(k, n_rep)
-    v = repeat_kv(v, n_rep)
-    w = mint.matmul(q, k.transpose(0, 1, 3, 2)) * scale
+    kvh, t = k.shape[1], k.shape[2]
+    if fused() and _fused_dtype(q):
+        if s == 1:
+            out = KERNELS.fused_infer_attention_score(q, [k], [v], atten_mask=mask < 0, num_heads=h, scale=scale,
+                                                      input_layout="BNSD", num_key_value_heads=kvh)[0]
+        elif causal_only:
+            out = KERNELS.flash_attention_score(q, k, v, h, attn_mask=compressed_causal_mask(), scalar_value=scale,
+                                                input_layout="BNSD", sparse_mode=3)
+        else:
+            out = KERNELS.flash_attention_score(q, k, v, h, attn_mask=mask < 0, scalar_value=scale,
+                                                input_layout="BNSD", sparse_mode=0)
+        return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+    rep = h // kvh
+    qg = q.reshape(b, kvh, rep * s, d)  # heads kvh*rep .. kvh*rep+rep-1 share kv head kvh
+    w = mint.matmul(qg, k.transpose(0, 1, 3, 2)) * scale  # [B, KVH, rep*S, T]
     if mask is not None:
-        w = w + mask
+        w = (w.reshape(b, kvh, rep, s, t) + mask.reshape(b, 1, 1, s, t)).reshape(b, kvh, rep * s, t)
     w = _softmax_fp32(w, q.dtype)
-    out = mint.matmul(w, v)  # [B, H, S, D]
+    out = mint.matmul(w, v).reshape(b, h, s, d)  # [B, KVH, rep*S, D] -> [B, H, S, D]
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
 
 
-def rotary_half_split(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Vision rotary. x: [N, heads, head_dim]; cos/sin: [N, head_dim] fp32. Dim d pairs with d + head_dim/2; the
-    rotation runs in fp32 and the result is cast back (as the reference)."""
+def rotary_half(x: Tensor, cos: Tensor, sin: Tensor, upcast: bool = False) -> Tensor:
+    """Half-split ("rotate_half") rotation over the whole head: dim j pairs with j + D/2.
+
+    x: [S, H, D] (ViT, packed patches) or [B, S, H, D] (decoder, BSND); cos/sin: [S, D] or [B, S, D]. ``upcast``
+    rotates in fp32 and casts back (the ViT's reference); otherwise in the activation dtype (the decoder's).
+    Fused: ``rotary_position_embedding`` mode 0 in layout BSND with cos 1S1D / BS1D (BNSD is avoided: the kernel
+    refuses B * N > 8 S, which every decode step is)."""
     dtype = x.dtype
-    x = x.astype(ms.float32)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rot = mint.cat([-x2, x1], -1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return (x * c + rot * s).astype(dtype)
+    if upcast:
+        x = x.astype(ms.float32)
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    c, sn = cos.expand_dims(-2), sin.expand_dims(-2)  # [.., S, 1, D]
+    if fused():
+        x4, c4, s4 = (x, c, sn) if x.ndim == 4 else (x.expand_dims(0), c.expand_dims(0), sn.expand_dims(0))
+        out = KERNELS.rotary_position_embedding(x4, c4, s4, 0).reshape(x.shape)
+    else:
+        half = x.shape[-1] // 2
+        rot = mint.cat([-x[..., half:], x[..., :half]], -1)
+        out = x * c + rot * sn
+    return out.astype(dtype)
 
 
-def rotary_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Text M-RoPE rotation. x: [B, H, S, D]; cos/sin: [B, S, R] interleaved. Pairs (2j, 2j+1) of the first R dims
-    rotate, in the activation dtype (no fp32 upcast, as the reference); the rest pass through."""
-    b, h, s, d = x.shape
-    r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    pairs = x_rot.reshape(b, h, s, r // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = ops.stack([-odd, even], -1).reshape(b, h, s, r)  # mint.stack has no CPU kernel
-    c, sn = cos[:, None], sin[:, None]
-    out = x_rot * c + rotated * sn
-    return mint.cat([out, x_pass], -1) if r < d else out
+_SCATTER = ops.ScatterNdUpdate()
+
+
+def cache_write(k_cache: Tensor, v_cache: Tensor, index: Tensor, k: Tensor, v: Tensor, kv_len: int):
+    """Write k, v [B, KVH, S, D] into static caches [B, KVH, max_len, D] in place at ``index`` ([B, KVH, S, 3]
+    int32 (b, head, position) triples) and return the first ``kv_len`` positions, read after the write.
+
+    ScatterNdUpdate updates its input in place in PyNative and in graph mode (measured on CPU; plain slice
+    assignment inside ``jit`` is not ordered before later reads), so the cache never grows or gets copied."""
+    k_cache = ops.depend(k_cache, _SCATTER(k_cache, index, k))
+    v_cache = ops.depend(v_cache, _SCATTER(v_cache, index, v))
+    return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]

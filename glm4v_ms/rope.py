@@ -5,6 +5,12 @@ Two conventions live here, and mixing them up is silently wrong:
 * vision: half-split ("NeoX") rotation over the whole head, angles laid out [h, w, h, w], computed in fp32;
 * text: M-RoPE on interleaved pairs (GPT-J style) of the first ``rotary_dim`` dims of each head, frequency j taking
   its position from the t, h or w row according to ``mrope_section``.
+
+The text rotation is computed in the *half layout*: at load time the q/k projection rows of every head are permuted
+(``half_layout_permutation``) so that the interleaved partial rotation becomes a half-split rotation over the whole
+head with cos = 1, sin = 0 on the pass-through dims. Scores q.k are unchanged by a permutation applied to both q and
+k, the arithmetic per rotated pair is the same (bit for bit in fp32), and one rotation convention serves the ViT,
+the decoder and Ascend's fused ``rotary_position_embedding`` (mode 0, which unlike mode 1 accepts per-row positions).
 """
 
 from __future__ import annotations
@@ -67,18 +73,37 @@ def mrope_axis_of_frequency(mrope_section: Sequence[int]) -> np.ndarray:
     return np.concatenate([np.full(n, axis, dtype=np.int32) for axis, n in enumerate(mrope_section)])
 
 
-def text_cos_sin(position_ids: Tensor, inv: Tensor, axis_of_freq: Tensor, dtype) -> Tuple[Tensor, Tensor]:
-    """cos/sin [B, S, rotary_dim] for M-RoPE, already interleaved (each frequency's value twice in a row).
+def half_layout_permutation(head_dim: int, rotary_dim: int) -> np.ndarray:
+    """perm[new] = old index within one head, turning the interleaved partial rotary into a full-width half split.
+
+    Old layout: pairs (2i, 2i+1), i < P = rotary_dim/2, rotate with frequency i; dims rotary_dim.. pass through.
+    New layout: old 2i -> i and old 2i+1 -> i + head_dim/2 (so the pair is (i, i + head_dim/2) as rotate_half wants);
+    the pass-through dims fill the rest of each half in order. Example head_dim 8, rotary_dim 4:
+    perm = [0, 2, 4, 5, 1, 3, 6, 7]."""
+    if rotary_dim % 2 or head_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and in (0, head_dim={head_dim}]")
+    half, p = head_dim // 2, rotary_dim // 2
+    rest = list(range(rotary_dim, head_dim))
+    first = [2 * i for i in range(p)] + rest[:half - p]
+    second = [2 * i + 1 for i in range(p)] + rest[half - p:]
+    return np.array(first + second, dtype=np.int64)
+
+
+def text_cos_sin(position_ids: Tensor, inv: Tensor, axis_of_freq: Tensor, head_dim: int, dtype) -> Tuple[Tensor, Tensor]:
+    """cos/sin [B, S, head_dim] for M-RoPE in the half layout (see ``half_layout_permutation``): each half is
+    [cos of the F frequencies, ones] (sin: [sin, zeros]).
 
     position_ids: [3, B, S] int; inv: [F] fp32; axis_of_freq: [F] int32. Angles in fp32, then cast to the
-    activation dtype as the reference does."""
+    activation dtype as the reference does. Works in PyNative and inside ``mindspore.jit``."""
     pos = ops.gather(position_ids, axis_of_freq, 0).astype(ms.float32)  # [F, B, S]: row chosen per frequency
     ang = pos.transpose(1, 2, 0) * inv  # [B, S, F]
-    c, s = mint.cos(ang), mint.sin(ang)
     b, sl, f = ang.shape
-    # [B, S, F] -> [B, S, F, 2] -> [B, S, 2F]: interleave
-    c = mint.broadcast_to(c.reshape(b, sl, f, 1), (b, sl, f, 2)).reshape(b, sl, 2 * f)
-    s = mint.broadcast_to(s.reshape(b, sl, f, 1), (b, sl, f, 2)).reshape(b, sl, 2 * f)
+    pad = head_dim // 2 - f
+    c, s = mint.cos(ang), mint.sin(ang)
+    if pad:
+        c = mint.cat([c, mint.ones((b, sl, pad), dtype=ms.float32)], -1)
+        s = mint.cat([s, mint.zeros((b, sl, pad), dtype=ms.float32)], -1)
+    c, s = mint.cat([c, c], -1), mint.cat([s, s], -1)  # [B, S, head_dim]
     return c.astype(dtype), s.astype(dtype)
 
 

@@ -1,7 +1,7 @@
 """GLM-4 text decoder of GLM-4.1V: sandwich-norm layers, GQA attention with q/k/v bias, M-RoPE.
 
 Module attribute paths equal the checkpoint keys below ``model.language_model.``. The model holds no per-request
-state: positions (as cos/sin) and the attention mask are computed by the caller and passed in.
+state: positions (as cos/sin), the attention mask and the KV cache tensors are passed in by the caller.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from .layers import Embedding, Linear, RMSNorm
 
 
 class TextAttention(nn.Cell):
+    """GQA attention. q/k projection rows are stored in the half rotary layout (rope.half_layout_permutation; the
+    checkpoint loader permutes them), so one rotate_half over the whole head applies GLM's partial interleaved
+    M-RoPE."""
+
     def __init__(self, cfg: TextConfig, dtype):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -30,31 +34,28 @@ class TextAttention(nn.Cell):
         self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, True, dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, False, dtype)
 
-    def construct(self, x, cos, sin, mask, cache=None, layer: int = 0, start: int = 0):
+    def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None, kv_len: int = 0,
+                  causal_only: bool = False):
         b, s, _ = x.shape
-        # [B, S, heads*D] -> [B, heads, S, D]
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        # [B, S, heads*D] -> [B, S, heads, D] (BSND, where the rotation runs) -> [B, heads, S, D]
+        q = ops.rotary_half(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
+        k = ops.rotary_half(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = ops.rotary_interleaved(q, cos, sin)
-        k = ops.rotary_interleaved(k, cos, sin)
-        if cache is not None:  # store post-rotary keys at [start, start+s) and attend over everything filled
-            k, v = cache.update(layer, start, k, v)
-        return self.o_proj(ops.masked_attention(q, k, v, mask, self.scale))
+        if k_cache is not None:  # store post-rotary keys at ``index``; attend over the first kv_len positions
+            k, v = ops.cache_write(k_cache, v_cache, index, k, v, kv_len)
+        return self.o_proj(ops.attention(q, k, v, mask, self.scale, causal_only))
 
 
 class TextMLP(nn.Cell):
     def __init__(self, cfg: TextConfig, dtype):
         super().__init__()
-        self.inner = cfg.intermediate_size
         # One fused projection: output rows [0, inner) are the gate, [inner, 2*inner) the up projection.
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
 
     def construct(self, x):
-        gu = self.gate_up_proj(x)
-        gate, up = gu[..., :self.inner], gu[..., self.inner:]
-        return self.down_proj(up * ops.silu(gate))
+        return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Cell):
@@ -70,9 +71,10 @@ class DecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps, dtype)
 
-    def construct(self, x, cos, sin, mask, cache=None, layer: int = 0, start: int = 0):
-        h = self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start))
-        x = x + h
+    def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None, kv_len: int = 0,
+                  causal_only: bool = False):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, index, kv_len, causal_only)
+        x = x + self.post_self_attn_layernorm(h)
         h = self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
         return x + h
 
@@ -85,16 +87,23 @@ class Glm4vTextModel(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def construct(self, inputs_embeds, cos, sin, mask, cache=None, start: int = 0, output_hidden_states: bool = False):
-        """inputs_embeds: [B, S, hidden]; cos/sin: [B, S, rotary_dim]; mask: additive [B, 1, S, T] or None;
-        cache: a KVCache receiving this chunk's keys/values at positions [start, start + S) (T = start + S).
+    def construct(self, inputs_embeds, cos, sin, mask, caches=None, index=None, kv_len: int = 0,
+                  causal_only: bool = False, output_hidden_states: bool = False):
+        """inputs_embeds: [B, S, hidden]; cos/sin: [B, S, head_dim] (rope.text_cos_sin); mask: additive
+        [B, 1, S, T] or None; caches: None (attend within the chunk) or the static cache tensors
+        (k_0, v_0, k_1, v_1, ...) each [B, kv_heads, max_len, D], written at ``index`` ([B, kv_heads, S, 3]) and
+        attended over their first ``kv_len`` = T positions; ``causal_only``: the mask has no padding (lets the
+        fused kernels use their compressed causal mask). Usable eagerly and inside ``mindspore.jit``.
 
         Returns the final-normed hidden states, or (hidden, all) where ``all`` holds the embeddings and each layer's
         output (before the final norm)."""
         x = inputs_embeds
         hidden: List = [x] if output_hidden_states else []
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+            if caches is None:
+                x = layer(x, cos, sin, mask, None, None, None, 0, causal_only)
+            else:
+                x = layer(x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], index, kv_len, causal_only)
             if output_hidden_states:
                 hidden.append(x)
         x = self.norm(x)

@@ -112,9 +112,9 @@ class VisionAttention(nn.Cell):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)  # [N, 3*E] -> [N, 3, H, D]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q = ops.rotary_half_split(q, cos, sin)
-        k = ops.rotary_half_split(k, cos, sin)
-        return self.proj(ops.segment_attention(q, k, v, segments, self.scale))
+        q = ops.rotary_half(q, cos, sin, upcast=True)  # the reference rotates the ViT's q/k in fp32
+        k = ops.rotary_half(k, cos, sin, upcast=True)
+        return self.proj(ops.vision_attention(q, k, v, segments, self.scale))
 
 
 class VisionMLP(nn.Cell):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import ml_dtypes  # noqa: F401  (registers numpy bfloat16 so safetensors can read BF16 tensors)
 import numpy as np
@@ -94,10 +94,12 @@ def _fmt(names: List[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = ()) -> None:
+def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
+                 transform: Optional[Callable[[str, np.ndarray], np.ndarray]] = None) -> None:
     """Set every parameter of ``model`` from the checkpoint in ``folder`` (strict).
 
-    ``ignore``: checkpoint keys that may be present and are not used (e.g. ``lm_head.weight`` of a tied model)."""
+    ``ignore``: checkpoint keys that may be present and are not used (e.g. ``lm_head.weight`` of a tied model);
+    ``transform(name, array)``: the model's layout change for a tensor (shape-preserving), applied after reading."""
     params = dict(model.parameters_and_names())
     files = checkpoint_files(folder)
     shapes = read_shapes(files)
@@ -123,4 +125,6 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = ()) -> N
             if arr.dtype.kind not in "fV" and arr.dtype != ml_dtypes.bfloat16:
                 raise CheckpointError(f"tensor '{name}' has dtype {arr.dtype}; expected a floating-point tensor")
             arr = arr.astype(np.float32).astype(target) if arr.dtype == ml_dtypes.bfloat16 else arr.astype(target)
+        if transform is not None:
+            arr = transform(name, arr)
         p.set_data(Tensor(np.ascontiguousarray(arr)))

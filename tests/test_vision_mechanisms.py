@@ -79,12 +79,12 @@ def test_parity_catches_a_bilinear_resampler(ref_models, monkeypatch):
 
 
 def test_parity_catches_attention_leaking_across_segments(ref_models, monkeypatch):
-    real = gops.segment_attention
+    real = gops.vision_attention
 
     def leaky(q, k, v, segments, scale):  # one big segment: images / temporal groups see each other
         return real(q, k, v, [segments[0], segments[-1]], scale)
 
-    bad = _vision_error(ref_models, monkeypatch, lambda mp: mp.setattr(gops, "segment_attention", leaky))
+    bad = _vision_error(ref_models, monkeypatch, lambda mp: mp.setattr(gops, "vision_attention", leaky))
     assert bad > 1e-2, f"attention leaking across images changed vision features by only {bad:.2e}"
 
 

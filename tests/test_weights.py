@@ -34,8 +34,14 @@ def test_parameter_names_are_the_checkpoint_keys(ref_models):
     ours = {n: tuple(p.shape) for n, p in model.parameters_and_names()}
     theirs = {n: tuple(p.shape) for n, p in ref.state_dict().items()}
     assert ours == theirs
+    permuted = set()
     for name, p in model.parameters_and_names():
-        np.testing.assert_array_equal(p.asnumpy(), ref.state_dict()[name].numpy(), err_msg=name)
+        hf = ref.state_dict()[name].numpy()
+        np.testing.assert_array_equal(p.asnumpy(), model.checkpoint_transform(name, hf), err_msg=name)
+        if not np.array_equal(p.asnumpy(), hf):
+            permuted.add(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
+    # only the decoder's q/k projections change layout (rows permuted per head into the half rotary layout)
+    assert permuted == {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"}
 
 
 def test_missing_tensor_is_named(ref_models, tmp_path):
@@ -70,8 +76,14 @@ def test_sharded_checkpoint(ref_models, tmp_path):
     shards = [f for f in os.listdir(dst) if f.endswith(".safetensors")]
     assert len(shards) > 2 and os.path.exists(dst / "model.safetensors.index.json")
     model = Glm4vForConditionalGeneration.from_pretrained(str(dst))
+    permuted = set()
     for name, p in model.parameters_and_names():
-        np.testing.assert_array_equal(p.asnumpy(), ref.state_dict()[name].numpy(), err_msg=name)
+        hf = ref.state_dict()[name].numpy()
+        np.testing.assert_array_equal(p.asnumpy(), model.checkpoint_transform(name, hf), err_msg=name)
+        if not np.array_equal(p.asnumpy(), hf):
+            permuted.add(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
+    # only the decoder's q/k projections change layout (rows permuted per head into the half rotary layout)
+    assert permuted == {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"}
     # A shard listed in the index but absent is named.
     os.remove(dst / shards[0])
     with pytest.raises(CheckpointError, match=rf"lists shard\(s\) that are not in .*{shards[0]}"):
@@ -89,11 +101,13 @@ def test_bf16_checkpoint_cast_to_requested_dtype(ref_models, tmp_path):
     m32 = Glm4vForConditionalGeneration.from_pretrained(str(dst), dtype=ms.float32)
     for name, p in m32.parameters_and_names():
         assert p.dtype == ms.float32
-        np.testing.assert_array_equal(p.asnumpy(), sd16[name].float().numpy(), err_msg=name)
+        np.testing.assert_array_equal(p.asnumpy(), m32.checkpoint_transform(name, sd16[name].float().numpy()),
+                                      err_msg=name)
     m16 = Glm4vForConditionalGeneration.from_pretrained(str(dst), dtype=ms.bfloat16)
     for name, p in m16.parameters_and_names():
         assert p.dtype == ms.bfloat16
-        np.testing.assert_array_equal(p.astype(ms.float32).asnumpy(), sd16[name].float().numpy(), err_msg=name)
+        np.testing.assert_array_equal(p.astype(ms.float32).asnumpy(),
+                                      m16.checkpoint_transform(name, sd16[name].float().numpy()), err_msg=name)
     # The bf16 weights, computed in fp32 on both sides, still agree.
     from transformers import Glm4vForConditionalGeneration as HF
 
