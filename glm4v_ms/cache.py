@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, ops
@@ -20,15 +21,25 @@ from mindspore import Parameter, Tensor, mint, ops
 from .config import TextConfig
 
 
-def additive_causal_mask(key_mask: np.ndarray, start: int, n_new: int, dtype=np.float32) -> np.ndarray:
+def mask_fill(dtype) -> float:
+    """The additive-mask value of a compute dtype: its most negative finite value (torch.finfo(dtype).min, as the
+    reference). fp32's would overflow to -inf in bf16 and turn fully masked (padding) rows into NaN."""
+    if dtype in (ms.bfloat16, ml_dtypes.bfloat16):
+        return float(ml_dtypes.finfo(ml_dtypes.bfloat16).min)
+    if dtype in (ms.float16, np.float16):
+        return float(np.finfo(np.float16).min)
+    return float(np.finfo(np.float32).min)
+
+
+def additive_causal_mask(key_mask: np.ndarray, start: int, n_new: int, fill: float = mask_fill(ms.float32)) -> np.ndarray:
     """Additive [B, 1, n_new, start + n_new] mask for queries at positions start .. start+n_new-1 over keys
-    0 .. start+n_new-1: 0 where key j is visible (j <= the query's position and key_mask[:, j] == 1), else fp32's most
-    negative finite value, as the reference's eager mask (fully masked pad rows stay finite, no NaN).
+    0 .. start+n_new-1: 0 where key j is visible (j <= the query's position and key_mask[:, j] == 1), else ``fill``
+    (mask_fill of the compute dtype), as the reference's eager mask (fully masked pad rows stay finite, no NaN).
     Without a cache it is the start = 0 case with key_mask = attention_mask."""
     total = start + n_new
     q_pos = np.arange(start, total)[:, None]
     allowed = (np.arange(total)[None, :] <= q_pos)[None] & (key_mask[:, None, :total] == 1)
-    return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(dtype)[:, None]
+    return np.where(allowed, 0.0, fill).astype(np.float32)[:, None]
 
 
 def write_index(start: Tensor, batch: int, kv_heads: int, n_new: int) -> Tensor:
@@ -49,7 +60,9 @@ class CacheFullError(ValueError):
 
 
 class KVCache:
-    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype=ms.float32):
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype=ms.float32, buffers=None):
+        """``buffers``: the (k, v) lists of an earlier cache of the same shape to reuse (engine.GraphRunner pools
+        them: a compiled graph is bound to its Parameter objects, so new buffers would mean a new compile)."""
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"KVCache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
         if max_len > cfg.max_position_embeddings:
@@ -57,13 +70,18 @@ class KVCache:
                                  f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or "
                                  "lower max_new_tokens")
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        uid = next(_IDS)
+        if buffers is None:
+            uid = next(_IDS)
 
-        def buf(kind, i):  # Parameters: updated in place by ScatterNdUpdate, eagerly and inside jit
-            return Parameter(mint.zeros(shape, dtype=dtype), name=f"kvcache{uid}.{kind}{i}", requires_grad=False)
+            def buf(kind, i):  # Parameters: updated in place by ScatterNdUpdate, eagerly and inside jit
+                return Parameter(mint.zeros(shape, dtype=dtype), name=f"kvcache{uid}.{kind}{i}", requires_grad=False)
 
-        self.k = [buf("k", i) for i in range(cfg.num_hidden_layers)]
-        self.v = [buf("v", i) for i in range(cfg.num_hidden_layers)]
+            buffers = ([buf("k", i) for i in range(cfg.num_hidden_layers)],
+                       [buf("v", i) for i in range(cfg.num_hidden_layers)])
+        self.k, self.v = buffers
+        if tuple(self.k[0].shape) != shape or self.k[0].dtype != dtype:
+            raise ValueError(f"reused cache buffers have shape {tuple(self.k[0].shape)} / {self.k[0].dtype}, "
+                             f"need {shape} / {dtype}")
         self.tensors = tuple(t for pair in zip(self.k, self.v) for t in pair)  # (k_0, v_0, k_1, v_1, ...)
         self.kv_heads = cfg.num_key_value_heads
         self.batch, self.max_len, self.dtype = batch, max_len, dtype
@@ -81,9 +99,13 @@ class KVCache:
         self.key_mask[:, start:start + n_new] = 1 if mask is None else mask
         return start
 
-    def attention_mask(self, start: int, n_new: int, dtype=np.float32) -> np.ndarray:
+    def attention_mask(self, start: int, n_new: int) -> np.ndarray:
         """Additive mask of the chunk at ``start`` over everything filled so far (see additive_causal_mask)."""
-        return additive_causal_mask(self.key_mask, start, n_new, dtype)
+        return additive_causal_mask(self.key_mask, start, n_new, mask_fill(self.dtype))
+
+    @property
+    def buffers(self):
+        return self.k, self.v
 
     def index(self, start: int, n_new: int) -> Tensor:
         """Write positions of a chunk of ``n_new`` tokens at ``start`` (see write_index)."""

@@ -101,9 +101,58 @@ def _prompt_opens_thinking(row: np.ndarray, thinking: ThinkingTokens) -> bool:
     return len(opened) > 0 and (len(closed) == 0 or closed[-1] < opened[-1])
 
 
+class EagerSession:
+    """One request run eagerly (PyNative): the model's forward over the cache, logits read back to the host and
+    sampled there (sampling.next_tokens, transformers' order). The reference twin of engine.GraphSession."""
+
+    def __init__(self, model, gen: GenerationConfig, batch: int):
+        self.model, self.gen = model, gen
+        self.rng = np.random.default_rng(gen.seed)
+        self.seen: Optional[np.ndarray] = None
+        self.last_logits: Optional[np.ndarray] = None
+
+    def _sample(self, out) -> np.ndarray:
+        self.last_logits = out.logits.asnumpy()[:, -1].astype(np.float32)
+        g = self.gen
+        return sampling.next_tokens(self.last_logits, self.seen, do_sample=g.do_sample, temperature_=g.temperature,
+                                    top_k_=g.top_k, top_p_=g.top_p, repetition_penalty_=g.repetition_penalty,
+                                    rng=self.rng)
+
+    def prefill(self, inputs: Dict, cache: KVCache) -> np.ndarray:
+        ids = np.asarray(inputs["input_ids"], dtype=np.int64)
+        self.seen = ids if ids.ndim == 2 else ids[None]
+        return self._sample(self.model(**inputs, cache=cache, logits_to_keep=1))
+
+    def close(self, cache: KVCache) -> None:
+        pass
+
+    def step(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        self.seen = np.concatenate([self.seen, tokens[:, None]], axis=1)
+        return self._sample(self.model(input_ids=tokens[:, None], cache=cache, logits_to_keep=1))
+
+
+MODES = ("graph", "eager")
+
+
+def open_session(model, gen: GenerationConfig, batch: int, prompt_len: int, mode: str = "graph"):
+    """(session, cache) for one request. ``graph``: prefill and decode compiled with mindspore.jit, sampling on
+    device (engine.py); ``eager``: PyNative forward, host sampling."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    cfg = model.config.text
+    if mode == "eager":
+        return EagerSession(model, gen, batch), KVCache(cfg, batch, prompt_len + max(gen.max_new_tokens, 1), model.dtype)
+    from .engine import GraphSession, graph_runner
+
+    runner = graph_runner(model)
+    return GraphSession(runner, gen, batch), runner.open_cache(batch, prompt_len, gen.max_new_tokens)
+
+
 def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[ThinkingTokens] = None,
-                stats: Optional[StepStats] = None) -> Iterator[np.ndarray]:
-    """Yield the next token of every row ([B] int64), step by step. Finished rows yield ``pad_token_id``."""
+                stats: Optional[StepStats] = None, mode: str = "graph", session_out: Optional[list] = None
+                ) -> Iterator[np.ndarray]:
+    """Yield the next token of every row ([B] int64), step by step. Finished rows yield ``pad_token_id``.
+    ``session_out``, if given, receives the session (tests read its ``last_logits``)."""
     cfg = model.config.text
     gen.validate(cfg.vocab_size)
     ids = np.asarray(inputs["input_ids"], dtype=np.int64)
@@ -111,57 +160,55 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
         ids = ids[None]
     b, s = ids.shape
     pad = gen.pad_token_id if gen.pad_token_id is not None else (cfg.pad_token_id or 0)
-    cache = KVCache(cfg, b, s + max(gen.max_new_tokens, 1), model.dtype)
-    rng = np.random.default_rng(gen.seed)
+    session, cache = open_session(model, gen, b, s, mode)
+    if session_out is not None:
+        session_out.append(session)
     stats = stats if stats is not None else StepStats()
     stats.prompt_tokens = s
     eos = np.asarray(gen.eos_token_id or [], dtype=np.int64)
 
-    t0 = time.perf_counter()
-    out = model(**inputs, cache=cache, logits_to_keep=1)
-    logits = out.logits.asnumpy()[:, -1].astype(np.float32)
-    stats.prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    try:
+        t0 = time.perf_counter()
+        tok = session.prefill(inputs, cache)
+        stats.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
 
-    seen = ids
-    unfinished = np.ones(b, dtype=bool)
-    # thinking state per row: tokens produced inside <think>, whether </think> was seen, forced queue
-    inside = np.array([thinking is not None and _prompt_opens_thinking(ids[r], thinking) for r in range(b)])
-    n_think = np.zeros(b, dtype=np.int64)
-    forced: List[List[int]] = [[] for _ in range(b)]
-    stats.thinking_cut = [-1] * b
-    for step in range(gen.max_new_tokens):
-        tok = sampling.next_tokens(logits, seen, do_sample=gen.do_sample, temperature_=gen.temperature,
-                                   top_k_=gen.top_k, top_p_=gen.top_p, repetition_penalty_=gen.repetition_penalty,
-                                   rng=rng)
-        for r in range(b):
-            if forced[r]:
-                tok[r] = forced[r].pop(0)
-        tok = np.where(unfinished, tok, pad)
-        if thinking is not None and gen.max_thinking_tokens is not None:
+        unfinished = np.ones(b, dtype=bool)
+        # thinking state per row: tokens produced inside <think>, whether </think> was seen, forced queue
+        inside = np.array([thinking is not None and _prompt_opens_thinking(ids[r], thinking) for r in range(b)])
+        n_think = np.zeros(b, dtype=np.int64)
+        forced: List[List[int]] = [[] for _ in range(b)]
+        stats.thinking_cut = [-1] * b
+        for step in range(gen.max_new_tokens):
+            tok = tok.copy()
             for r in range(b):
-                if not unfinished[r]:
-                    continue
-                if tok[r] == thinking.think:
-                    inside[r] = True
-                elif tok[r] == thinking.end_think:
-                    inside[r] = False
-                elif inside[r]:
-                    n_think[r] += 1
-                    if n_think[r] >= gen.max_thinking_tokens and stats.thinking_cut[r] < 0:
-                        forced[r] = list(thinking.cutoff)
+                if forced[r]:
+                    tok[r] = forced[r].pop(0)
+            tok = np.where(unfinished, tok, pad)
+            if thinking is not None and gen.max_thinking_tokens is not None:
+                for r in range(b):
+                    if not unfinished[r]:
+                        continue
+                    if tok[r] == thinking.think:
+                        inside[r] = True
+                    elif tok[r] == thinking.end_think:
                         inside[r] = False
-                        stats.thinking_cut[r] = step + 1
-        stats.new_tokens = step + 1
-        stats.decode_s = time.perf_counter() - t0  # kept current: a consumer may stop early (EOS in a stream)
-        yield tok
-        seen = np.concatenate([seen, tok[:, None]], axis=1)
-        if len(eos):
-            unfinished &= ~np.isin(tok, eos)
-        if not unfinished.any() or step + 1 == gen.max_new_tokens:
-            break
-        out = model(input_ids=tok[:, None], cache=cache, logits_to_keep=1)
-        logits = out.logits.asnumpy()[:, -1].astype(np.float32)
+                    elif inside[r]:
+                        n_think[r] += 1
+                        if n_think[r] >= gen.max_thinking_tokens and stats.thinking_cut[r] < 0:
+                            forced[r] = list(thinking.cutoff)
+                            inside[r] = False
+                            stats.thinking_cut[r] = step + 1
+            stats.new_tokens = step + 1
+            stats.decode_s = time.perf_counter() - t0  # kept current: a consumer may stop early (EOS in a stream)
+            yield tok
+            if len(eos):
+                unfinished &= ~np.isin(tok, eos)
+            if not unfinished.any() or step + 1 == gen.max_new_tokens:
+                break
+            tok = session.step(tok, cache)
+    finally:
+        session.close(cache)  # a graph-mode cache goes back to the runner's pool
 
 
 def _default_config(model) -> GenerationConfig:
@@ -175,10 +222,11 @@ def _default_config(model) -> GenerationConfig:
 
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, *, generation_config: Optional[GenerationConfig] = None,
-             thinking: Optional[ThinkingTokens] = None, stats: Optional[StepStats] = None, **knobs) -> np.ndarray:
+             thinking: Optional[ThinkingTokens] = None, stats: Optional[StepStats] = None, mode: str = "graph",
+             **knobs) -> np.ndarray:
     """HF-style generate: returns [B, S + new] int64 (prompt followed by the new tokens; finished rows padded).
 
-    ``knobs`` override the generation config: max_new_tokens, do_sample, temperature, top_k, top_p,
+    ``mode``: "graph" (compiled prefill/decode, sampling on device) or "eager" (see open_session). ``knobs`` override the generation config: max_new_tokens, do_sample, temperature, top_k, top_p,
     repetition_penalty, eos_token_id (int or list), pad_token_id, seed, max_thinking_tokens."""
     gen = generation_config or _default_config(model)
     if isinstance(knobs.get("eos_token_id"), int):
@@ -191,7 +239,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
                   image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                   video_grid_thw=video_grid_thw)
     ids = inputs["input_ids"] if inputs["input_ids"].ndim == 2 else inputs["input_ids"][None]
-    new = [t for t in iter_tokens(model, inputs, gen, thinking, stats)]
+    new = [t for t in iter_tokens(model, inputs, gen, thinking, stats, mode)]
     if not new:
         return ids.astype(np.int64)
     return np.concatenate([ids.astype(np.int64), np.stack(new, axis=1)], axis=1)
@@ -248,7 +296,7 @@ class _IncrementalDecoder:
 
 def stream_generate(model, tokenizer, inputs: Dict, generation_config: Optional[GenerationConfig] = None, *,
                     stats: Optional[StepStats] = None, tokens_out: Optional[List[int]] = None,
-                    **knobs) -> Iterator[Piece]:
+                    mode: str = "graph", **knobs) -> Iterator[Piece]:
     """Generate for one prompt and yield text pieces as they decode, tagged ``thinking`` or ``answer``.
 
     The <think>/</think>/<answer>/</answer> markers switch the tag and are not yielded; EOS tokens end the stream.
@@ -265,7 +313,7 @@ def stream_generate(model, tokenizer, inputs: Dict, generation_config: Optional[
     flat = ids.reshape(-1)
     kind = "thinking" if think is not None and _prompt_opens_thinking(flat, think) else "answer"
     dec = _IncrementalDecoder(tokenizer)
-    for step_tokens in iter_tokens(model, inputs, gen, think, stats):
+    for step_tokens in iter_tokens(model, inputs, gen, think, stats, mode):
         tok = int(step_tokens[0])
         if tokens_out is not None:
             tokens_out.append(tok)

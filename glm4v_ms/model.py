@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops as msops
 
 from . import ops
-from .cache import KVCache, additive_causal_mask
+from .cache import KVCache, additive_causal_mask, mask_fill
 from .config import Glm4vConfig
 from .layers import Linear
 from .rope import get_rope_index, half_layout_permutation, inv_freq, mrope_axis_of_frequency, text_cos_sin
@@ -153,14 +153,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         flat = msops.tensor_scatter_update(flat, Tensor(slots.astype(np.int32)[:, None]), feats.astype(flat.dtype))
         return flat.reshape(b, s, -1), stages
 
-    def construct(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: Optional[KVCache] = None,
-                  logits_to_keep: int = 0, output_hidden_states: bool = False,
-                  output_vision_stages: bool = False) -> Glm4vOutput:
-        """Forward over ``input_ids`` [B, S]. Without ``cache``: the whole sequence, causal. With a
-        :class:`KVCache`: the chunk is appended to the cache; the first chunk (prefill) computes the 3D positions and
-        stores the rope deltas in the cache, later chunks get position = cache index + delta. ``attention_mask`` may
-        cover the chunk ([B, S]) or everything so far ([B, cache.length + S], HF style)."""
+    def check_ids(self, input_ids, attention_mask=None):
+        """input_ids / attention_mask (numpy or Tensor, 1-D or 2-D) -> int64 numpy [B, S] and [B, S'] or None."""
         if input_ids is None:
             raise ValueError("input_ids is required")
         ids = np.asarray(ops.to_numpy(input_ids), dtype=np.int64)
@@ -174,6 +168,17 @@ class Glm4vForConditionalGeneration(nn.Cell):
         mask = None if attention_mask is None else np.asarray(ops.to_numpy(attention_mask), dtype=np.int64)
         if mask is not None and mask.ndim == 1:
             mask = mask[None]
+        return ids, mask
+
+    def construct(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: Optional[KVCache] = None,
+                  logits_to_keep: int = 0, output_hidden_states: bool = False,
+                  output_vision_stages: bool = False) -> Glm4vOutput:
+        """Forward over ``input_ids`` [B, S]. Without ``cache``: the whole sequence, causal. With a
+        :class:`KVCache`: the chunk is appended to the cache; the first chunk (prefill) computes the 3D positions and
+        stores the rope deltas in the cache, later chunks get position = cache index + delta. ``attention_mask`` may
+        cover the chunk ([B, S]) or everything so far ([B, cache.length + S], HF style)."""
+        ids, mask = self.check_ids(input_ids, attention_mask)
         start = 0 if cache is None else cache.length
         if mask is not None and cache is not None and start and mask.shape == (ids.shape[0], start + ids.shape[1]):
             mask = mask[:, start:]  # HF-style full-length mask: keep the new chunk's columns
@@ -199,10 +204,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
             deltas = position_ids.max(axis=(0, 2))[:, None] + 1 - ids.shape[1]
         if cache is not None and not start:
             cache.rope_deltas = deltas
-        cos, sin = self.text_cos_sin(Tensor(position_ids.astype(np.int32)))
+        cos, sin = self.rotary_tables(Tensor(position_ids.astype(np.int32)))
         n = ids.shape[1]
         if cache is None:
-            m = additive_causal_mask(mask if mask is not None else np.ones_like(ids), 0, n)
+            m = additive_causal_mask(mask if mask is not None else np.ones_like(ids), 0, n, mask_fill(self.dtype))
             caches, index, causal_only = None, None, mask is None or bool(mask.all())
         else:
             m = cache.attention_mask(start, n)
@@ -228,7 +233,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                         video_grid_thw, **kwargs)
 
-    def text_cos_sin(self, position_ids: Tensor):
+    def rotary_tables(self, position_ids: Tensor):
         """cos/sin [B, S, head_dim] of the decoder for 3D positions [3, B, S] (graph-safe)."""
         return text_cos_sin(position_ids, self._inv_freq, self._axis_of_freq, self.config.text.head_dim, self.dtype)
 

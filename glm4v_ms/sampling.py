@@ -7,6 +7,8 @@ from the softmax (or argmax when not sampling).
 from __future__ import annotations
 
 import numpy as np
+import mindspore as ms
+import mindspore.ops as mops
 
 
 def repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -76,3 +78,47 @@ def next_tokens(logits: np.ndarray, seen: np.ndarray, *, do_sample: bool, temper
         return np.argmax(x, axis=-1).astype(np.int64)
     x = top_p(top_k(temperature(x, temperature_), top_k_), top_p_)
     return sample(x, rng if rng is not None else np.random.default_rng())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On device: the same pipeline as MindSpore ops, traced into the graph-mode decode step (engine.py), so that only
+# the chosen token ([B] int32) is read back per step. Static choices (greedy, top-k size, top-p on/off, penalty
+# on/off) are Python values fixed at trace time; the numeric knobs are 0-d tensors, so changing them does not
+# recompile. The random draw is Gumbel-max: argmax(x + g), g = -log(-log(u)), is a draw from softmax(x); the
+# uniforms ``u`` come from the host generator (seeded), one per candidate: [B, k] with top-k, else [B, V].
+# Deviation from the host pipeline (pinned in tests/test_engine.py): top-k keeps exactly k candidates (HF keeps
+# ties with the k-th score too); top-p compares an exclusive descending cumulative sum with p, the host an
+# inclusive ascending one with 1 - p (they differ only by rounding at the boundary).
+# ---------------------------------------------------------------------------------------------------------------
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+def device_penalty(logits, seen, penalty):
+    """Repetition penalty on device. logits: [B, V] fp32; seen: [B, V] fp32, 1 where the token occurred."""
+    hit = seen > 0
+    return mops.where(hit, mops.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def device_next_tokens(logits, seen, uniforms, temperature_, top_p_, penalty_, *, greedy: bool, top_k_: int,
+                       use_top_p: bool, use_penalty: bool):
+    """[B] int32 next tokens from fp32 logits [B, V] (see the section comment)."""
+    x = device_penalty(logits, seen, penalty_) if use_penalty else logits
+    if greedy:
+        return mops.argmax(x, -1).astype(ms.int32)
+    x = x / temperature_
+    if top_k_ > 0:
+        vals, idx = mops.topk(x, top_k_)  # [B, k], sorted descending
+    elif use_top_p:
+        vals, idx = mops.sort(x, -1, True)
+    else:
+        vals, idx = x, None
+    if use_top_p:
+        probs = mops.softmax(vals, -1)
+        before = mops.cumsum(probs, -1) - probs  # probability mass of the strictly more likely candidates
+        vals = mops.where(before < top_p_, vals, mops.full_like(vals, _NEG))
+    gumbel = -mops.log(-mops.log(uniforms))
+    choice = mops.argmax(vals + gumbel, -1).astype(ms.int32)  # [B]
+    if idx is None:
+        return choice
+    return mops.gather_elements(idx.astype(ms.int32), 1, choice.reshape(-1, 1)).reshape(-1)

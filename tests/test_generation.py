@@ -9,6 +9,7 @@ from conftest import record
 from reference import _text, image_prompt, left_pad, pixels, rel_err, max_abs, video_span
 from glm4v_ms import Glm4vForConditionalGeneration
 from glm4v_ms.cache import CacheFullError, KVCache
+from glm4v_ms.engine import graph_runner
 from glm4v_ms.generation import GenerationConfig, StepStats, ThinkingTokens, generate
 
 UNTIED = dict(merge=2, tie=False, partial=0.5, mrope=(2, 3, 3))
@@ -44,26 +45,44 @@ def _hf_generate(ref, inputs, **kw):
         return ref.generate(**t, do_sample=False, pad_token_id=0, **kw).numpy()
 
 
+@pytest.mark.parametrize("mode", ["graph", "eager"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_equals_transformers(ref_models, case):
+def test_greedy_equals_transformers(ref_models, case, mode):
     folder, ref = ref_models("untied", seed=0, **UNTIED)
     model = Glm4vForConditionalGeneration.from_pretrained(folder)
     inputs = CASES[case]
-    ours = model.generate(**inputs, max_new_tokens=NEW, eos_token_id=[], do_sample=False)
+    ours = model.generate(**inputs, max_new_tokens=NEW, eos_token_id=[], do_sample=False, mode=mode)
     theirs = _hf_generate(ref, inputs, max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=None)
     assert ours.shape == theirs.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + NEW)
     diff = np.argwhere(ours != theirs)
-    assert len(diff) == 0, f"{case}: first differing (row, position) {diff[0].tolist()}"
+    assert len(diff) == 0, f"{case} ({mode}): first differing (row, position) {diff[0].tolist()}"
 
 
-def test_eos_stops_rows_and_pads_like_transformers(ref_models):
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_greedy_with_repetition_penalty_equals_transformers(ref_models, mode):
+    """The penalty sees the prompt and every fed token (on device in graph mode, updated in place per step)."""
+    folder, ref = ref_models("untied", seed=0, **UNTIED)
+    model = Glm4vForConditionalGeneration.from_pretrained(folder)
+    inputs = CASES["left-padded batch of 2"]
+    ours = model.generate(**inputs, max_new_tokens=NEW, eos_token_id=[], do_sample=False, repetition_penalty=1.5,
+                          mode=mode)
+    theirs = _hf_generate(ref, inputs, max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=None,
+                          repetition_penalty=1.5)
+    plain = model.generate(**inputs, max_new_tokens=NEW, eos_token_id=[], do_sample=False, mode=mode)
+    assert (plain != ours).any(), "a penalty of 1.5 should change this greedy output; the test has no teeth"
+    diff = np.argwhere(ours != theirs)
+    assert len(diff) == 0, f"({mode}) first differing (row, position) {diff[0].tolist()}"
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_eos_stops_rows_and_pads_like_transformers(ref_models, mode):
     folder, ref = ref_models("untied", seed=0, **UNTIED)
     model = Glm4vForConditionalGeneration.from_pretrained(folder)
     inputs = CASES["left-padded batch of 2"]
     s = inputs["input_ids"].shape[1]
-    free = generate(model, **inputs, max_new_tokens=24, eos_token_id=[])
+    free = generate(model, **inputs, max_new_tokens=24, eos_token_id=[], mode=mode)
     eos = int(free[0, s + 5])  # row 0 emits this at step 5; make it the EOS
-    ours = generate(model, **inputs, max_new_tokens=24, eos_token_id=[eos])
+    ours = generate(model, **inputs, max_new_tokens=24, eos_token_id=[eos], mode=mode)
     theirs = _hf_generate(ref, inputs, max_new_tokens=24, eos_token_id=eos)
     np.testing.assert_array_equal(ours, theirs)
     assert (ours[0, s + 6:] == 0).all(), "tokens after EOS must be padding"
@@ -75,7 +94,7 @@ def test_cached_logits_equal_full_forward(ref_models):
     folder, _ = ref_models("untied", seed=0, **UNTIED)
     model = Glm4vForConditionalGeneration.from_pretrained(folder)
     inputs = dict(CASES["left-padded batch of 2"])
-    seq = generate(model, **inputs, max_new_tokens=12, eos_token_id=[])
+    seq = generate(model, **inputs, max_new_tokens=12, eos_token_id=[], mode="eager")
     b, s = inputs["input_ids"].shape
     cache = KVCache(model.config.text, b, seq.shape[1], model.dtype)
     mask = inputs.pop("attention_mask")
@@ -105,23 +124,31 @@ class _CountingModel:
         return self.model(**kw)
 
 
-def test_thinking_cutoff_injects_once_without_reprefill(ref_models):
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_thinking_cutoff_injects_once_without_reprefill(ref_models, mode, monkeypatch):
     folder, _ = ref_models("untied", seed=0, **UNTIED)
     model = Glm4vForConditionalGeneration.from_pretrained(folder)
     THINK, END_THINK, ANSWER = 280, 281, 282  # stand-ins for <think>, </think>, <answer> in the tiny vocabulary
     rng = np.random.default_rng(5)
     prompt = np.array([_text(rng, 6) + [THINK]])  # the prompt opens the thinking part
     counting = _CountingModel(model)
+    calls = counting.calls
+    if mode == "graph":  # count the compiled graphs' calls: prefill chunk = the prompt, decode chunk = 1 token
+        counting = model
+        runner = graph_runner(model)
+        pre, dec = runner.prefill_graph, runner.decode_graph
+        monkeypatch.setattr(runner, "prefill_graph", lambda *a: calls.append(prompt.shape[1]) or pre(*a))
+        monkeypatch.setattr(runner, "decode_graph", lambda ids, *a: calls.append(ids.shape[1]) or dec(ids, *a))
     stats = StepStats()
     n = 7
     seq = generate(counting, prompt, max_new_tokens=20, eos_token_id=[], max_thinking_tokens=n, stats=stats,
-                   thinking=ThinkingTokens(think=THINK, end_think=END_THINK, cutoff=[END_THINK, ANSWER]))
+                   thinking=ThinkingTokens(think=THINK, end_think=END_THINK, cutoff=[END_THINK, ANSWER]), mode=mode)
     new = seq[0, prompt.shape[1]:]
     assert new[n].item() == END_THINK and new[n + 1].item() == ANSWER, new.tolist()
     assert (new == END_THINK).sum() == 1 and (new == ANSWER).sum() >= 1
     assert stats.thinking_cut == [n]
-    assert counting.calls[0] == prompt.shape[1] and all(c == 1 for c in counting.calls[1:]), \
-        f"the prompt was prefilled again: chunk lengths {counting.calls}"
+    assert calls[0] == prompt.shape[1] and len(calls) == 20 and all(c == 1 for c in calls[1:]), \
+        f"the prompt was prefilled again: chunk lengths {calls}"
     # After the injection, the cached continuation is exactly greedy over the full sequence.
     full = model(input_ids=seq[:, :-1]).logits.asnumpy()[0]
     for j in range(prompt.shape[1] + n + 2, seq.shape[1]):

@@ -74,7 +74,8 @@ def test_stream_pieces_are_utf8_safe_and_tagged(tmp_path):
     model = _Scripted(script, len(tok))
     gen = GenerationConfig(max_new_tokens=100, eos_token_id=[eos], pad_token_id=eos)
     out_ids = []
-    pieces = list(stream_generate(model, tok, {"input_ids": np.array([[1, 2, 3]])}, gen, tokens_out=out_ids))
+    pieces = list(stream_generate(model, tok, {"input_ids": np.array([[1, 2, 3]])}, gen, tokens_out=out_ids,
+                                  mode="eager"))
     assert all("\ufffd" not in p.text for p in pieces), [p.text for p in pieces]
     assert "".join(p.text for p in pieces if p.kind == "thinking") == "一只猫坐在桌子上。"
     assert "".join(p.text for p in pieces if p.kind == "answer") == "The answer is 42."
@@ -96,6 +97,6 @@ def test_stream_starts_inside_thinking_when_the_prompt_opens_it(tmp_path):
         tok.encode("ok", add_special_tokens=False) + [eos]
     model = _Scripted(script, len(tok))
     gen = GenerationConfig(max_new_tokens=50, eos_token_id=[eos], pad_token_id=eos)
-    pieces = list(stream_generate(model, tok, {"input_ids": np.array([[1, 2, v["<think>"]]])}, gen))
+    pieces = list(stream_generate(model, tok, {"input_ids": np.array([[1, 2, v["<think>"]]])}, gen, mode="eager"))
     assert "".join(p.text for p in pieces if p.kind == "thinking") == "hmm"
     assert "".join(p.text for p in pieces if p.kind == "answer") == "ok"
