@@ -47,6 +47,9 @@ def parse_args(argv=None):
     ap.add_argument("--draw_boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the first image")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
+    ap.add_argument("--mode", default="graph", choices=["graph", "eager"],
+                    help="graph: prefill and decode compiled with mindspore.jit, sampling on device (fast; compiles "
+                         "once per length bucket); eager: PyNative with host sampling (the reference path)")
     args = ap.parse_args(argv)
     if not args.chat and args.prompt is None:
         ap.error("--prompt is required (or use --chat)")
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
             raise ValueError("--draw_boxes needs an --image to draw on")
         if sys.stderr.isatty():  # progress for people; logs and error output stay one line per event
             print(f"[loading {args.model_name}]", file=sys.stderr)
-        pipe = Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device)
+        pipe = Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device, mode=args.mode)
         first_image = load_image(args.image[0]) if args.image else None
         media = dict(images=args.image, video=args.video, pdf=args.pdf, pdf_pages=args.pdf_pages,
                      pdf_dpi=args.pdf_dpi, system=args.system)

@@ -86,11 +86,13 @@ class ChatResult:
 
 
 class Glm4vPipeline:
-    def __init__(self, model, processor, generation_config: GenerationConfig, folder: str):
+    def __init__(self, model, processor, generation_config: GenerationConfig, folder: str, mode: str = "graph"):
         self.model, self.processor, self.gen, self.folder = model, processor, generation_config, folder
+        self.mode = mode  # "graph" (compiled decode, sampling on device) or "eager" (PyNative, host sampling)
 
     @classmethod
-    def from_pretrained(cls, name: str, dtype: str = "float32", device: str = "CPU") -> "Glm4vPipeline":
+    def from_pretrained(cls, name: str, dtype: str = "float32", device: str = "CPU",
+                        mode: str = "graph") -> "Glm4vPipeline":
         from . import ops
         from .model import Glm4vForConditionalGeneration
         from .processing import Glm4vProcessor
@@ -102,7 +104,7 @@ class Glm4vPipeline:
         folder = resolve_model(name)
         model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=dtype)
         processor = Glm4vProcessor.from_pretrained(folder)
-        return cls(model, processor, model.generation_config, folder)
+        return cls(model, processor, model.generation_config, folder, mode)
 
     # ------------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -151,7 +153,7 @@ class Glm4vPipeline:
                                                   "pixel_values_videos", "video_grid_thw")}
         thinking, answer = [], []
         for piece in stream_generate(self.model, self.processor.tokenizer, model_inputs, gen,
-                                     stats=result.stats, tokens_out=result.tokens):
+                                     stats=result.stats, tokens_out=result.tokens, mode=self.mode):
             (thinking if piece.kind == "thinking" else answer).append(piece.text)
             yield piece
         result.thinking = "".join(thinking).strip()
