@@ -5,10 +5,11 @@
   cache position, writes K/V into the static cache in place, attends over the bucket with a mask built in the graph,
   computes the logits of its one position and samples on device. Per step the host sends the fed token and its
   position (a few bytes) and reads back one int32 per row: that read is the only host sync.
-* prefill: the prompt is right-padded to a multiple of ``prefill_bucket`` (one graph per bucket); logits only for
-  the last prompt position; the first token is sampled on device. The ViT and the scatter of its features into the
-  token embeddings run eagerly before it (their shapes change with every image size), as do the 3D positions
-  (``get_rope_index``, host numpy).
+* prefill: the prompt is right-padded to its length bucket (8 per octave, ``prefill_len``; one graph per bucket);
+  logits only for the last prompt position; the first token is sampled on device. Before it, the ViT's block stack
+  runs as a graph compiled per image grid (the patch embedding, position resampling and merger stay eager), and the
+  scatter of its features into the token embeddings and the 3D positions (``get_rope_index``, host numpy) run
+  eagerly.
 
 The same cells and ops as the eager path are traced (``ops.py`` picks eager math on CPU, fused kernels on Ascend),
 so graph mode changes where the work runs, not what is computed. Padded prompt positions write junk K/V into the
@@ -106,7 +107,7 @@ class _Decode(nn.Cell):
 class GraphRunner:
     """The compiled prefill / decode graphs of one model. Get it with :func:`graph_runner`."""
 
-    def __init__(self, model, prefill_bucket: int = 128, min_decode_bucket: int = 256):
+    def __init__(self, model, prefill_bucket: int = 16, min_decode_bucket: int = 256):
         if prefill_bucket <= 0 or min_decode_bucket <= 0:
             raise ValueError("bucket sizes must be positive")
         self.model = model
@@ -119,7 +120,10 @@ class GraphRunner:
         self._free: Dict[tuple, list] = {}  # (batch, max_len) -> cache buffers not in use
 
     def prefill_len(self, prompt_len: int) -> int:
-        return -(-prompt_len // self.prefill_bucket) * self.prefill_bucket
+        """The prompt's bucket: a multiple of max(prefill_bucket, 2^(floor(log2 S) - 3)), i.e. 8 buckets per
+        octave: at most 12.5% padded positions, and a logarithmic number of compiled prefill graphs."""
+        step = max(self.prefill_bucket, 1 << max(int(prompt_len).bit_length() - 4, 0))
+        return -(-prompt_len // step) * step
 
     def cache_len(self, prompt_len: int, max_new_tokens: int) -> int:
         """Positions to allocate: the prompt bucket (the prefill writes all of it) and every new token, rounded up
@@ -204,7 +208,7 @@ class GraphSession:
                              "(allocate it with GraphRunner.cache_len)")
         cache.begin(s, mask)
         embeds, _ = m.embed(ids, inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                            inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"))
+                            inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"), graph=True)
         grid_i = None if inputs.get("pixel_values") is None else inputs.get("image_grid_thw")
         grid_v = None if inputs.get("pixel_values_videos") is None else inputs.get("video_grid_thw")
         pos, deltas = m.rope_index(ids, ops.to_numpy(grid_i), ops.to_numpy(grid_v), mask)

@@ -117,7 +117,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
                               video_end_token_id=c.video_end_token_id,
                               spatial_merge_size=c.vision.spatial_merge_size)
 
-    def _features(self, pixel_values, grid, what: str, n_tokens: int, return_stages: bool):
+    def _features(self, pixel_values, grid, what: str, n_tokens: int, return_stages: bool, graph: bool = False):
         self.visual.check_inputs(tuple(pixel_values.shape), grid, f"{what} pixel values")
         merge2 = self.config.vision.spatial_merge_size ** 2
         n_feat = int(np.prod(grid, axis=1).sum()) // merge2
@@ -125,11 +125,12 @@ class Glm4vForConditionalGeneration(nn.Cell):
             raise ValueError(f"{what} features and image tokens do not match: input_ids has {n_tokens} <|image|> "
                              f"tokens (id {self.config.image_token_id}) but the grids {grid.tolist()} give {n_feat} "
                              "features; the prompt must expand each placeholder to t*h*w/merge^2 tokens")
-        return self.visual(pixel_values, grid, return_stages=return_stages)
+        return self.visual(pixel_values, grid, return_stages=return_stages, graph=graph)
 
     def embed(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None, return_stages: bool = False):
-        """Token embeddings with the vision features written into the <|image|> slots (batch-major order)."""
+              video_grid_thw=None, return_stages: bool = False, graph: bool = False):
+        """Token embeddings with the vision features written into the <|image|> slots (batch-major order).
+        ``graph``: run the ViT's block stack as a compiled graph (engine.py's prefill)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         emb = self.language_model.embed_tokens(Tensor(ids.astype(np.int32)))
         stages: Dict[str, Any] = {}
@@ -145,7 +146,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
             raise ValueError(f"{what} pixel values were given without {what}_grid_thw")
         grid = np.asarray(ops.to_numpy(grid), dtype=np.int64).reshape(-1, 3)
         slots = np.flatnonzero(ids.reshape(-1) == self.config.image_token_id)
-        feats = self._features(pv, grid, what, len(slots), return_stages)
+        feats = self._features(pv, grid, what, len(slots), return_stages, graph)
         if return_stages:
             feats, stages = feats
         b, s = ids.shape

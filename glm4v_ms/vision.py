@@ -109,11 +109,11 @@ class VisionAttention(nn.Cell):
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, False, dtype)
 
     def construct(self, x, cos, sin, segments):
-        n = x.shape[0]
-        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)  # [N, 3*E] -> [N, 3, H, D]
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q = ops.rotary_half(q, cos, sin, upcast=True)  # the reference rotates the ViT's q/k in fp32
-        k = ops.rotary_half(k, cos, sin, upcast=True)
+        n, h = x.shape[0], self.num_heads
+        qkv = self.qkv(x).reshape(n, 3 * h, self.head_dim)  # [N, 3*E] -> [N, 3*H, D]: q heads, k heads, v heads
+        # q and k rotated in one call (same angles per patch), in fp32 as the reference
+        qk = ops.rotary_half(qkv[:, :2 * h], cos, sin, upcast=True)
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, 2 * h:]
         return self.proj(ops.vision_attention(q, k, v, segments, self.scale))
 
 
@@ -198,9 +198,15 @@ class Glm4vVisionModel(nn.Cell):
             raise ValueError(f"{what} has shape {tuple(pixel_values_shape)} but its grid describes {n} patches of "
                              f"{self.cfg.patch_dim} values (expected [{n}, {self.cfg.patch_dim}])")
 
-    def construct(self, pixel_values, grid_thw, return_stages: bool = False):
+    def _run_blocks(self, x, cos, sin, segments):
+        for blk in self.blocks:
+            x = blk(x, cos, sin, segments)
+        return x
+
+    def construct(self, pixel_values, grid_thw, return_stages: bool = False, graph: bool = False):
         """pixel_values: [sum(t*h*w), C*T*P*P]; grid_thw: host [items, 3] in patches (a video row (T, h, w) may be
-        given as is: each temporal group is its own attention segment). Returns merged features
+        given as is: each temporal group is its own attention segment). ``graph``: run the block stack as a graph
+        compiled per grid. Returns merged features
         [sum(t*h*w) / merge^2, out_hidden], or (features, stages) with the intermediate hidden states."""
         grid = np.asarray(ops.to_numpy(grid_thw), dtype=np.int64).reshape(-1, 3)
         self.check_inputs(pixel_values.shape, grid)
@@ -214,11 +220,16 @@ class Glm4vVisionModel(nn.Cell):
         cos, sin = vision_cos_sin(hpos, wpos, self.cfg.head_dim, self.cfg.rope_theta)
         cos, sin = Tensor(cos), Tensor(sin)
         segments = cu_seqlens(grid)
-        blocks = []
-        for blk in self.blocks:
-            x = blk(x, cos, sin, segments)
-            blocks.append(x)
-        stages["blocks"] = blocks
+        if graph and not return_stages:
+            if self.__dict__.get("_blocks_graph") is None:  # compiled per grid (segment bounds are constants)
+                self.__dict__["_blocks_graph"] = ms.jit(self._run_blocks)
+            x = self.__dict__["_blocks_graph"](x, cos, sin, tuple(segments))
+        else:
+            blocks = []
+            for blk in self.blocks:
+                x = blk(x, cos, sin, segments)
+                blocks.append(x)
+            stages["blocks"] = blocks
         x = self.post_layernorm(x)
         e = x.shape[-1]
         mm = self.merge * self.merge
