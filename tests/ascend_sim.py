@@ -1,0 +1,203 @@
+"""NumPy models of the Ascend kernels the fused path calls, written from their documented semantics (MindSpore 2.10
+docstrings of mindspore.ops.flash_attention_score, fused_infer_attention_score, rms_norm,
+rotary_position_embedding, swiglu). They stand in for the kernels in tests (PyNative only): ``simulated_kernels()``
+puts them into ``glm4v_ms.ops.KERNELS`` and switches the fused path on.
+
+Documented constraints are enforced (layouts, the 2048 x 2048 compressed causal mask for sparse modes 2/3, cumulative
+actual_seq lengths in TND, N2 dividing N1, D a multiple of 16, the rotary kernel's cos layouts and its refusal of
+BNSD with B * N > 8 S), except the dtype: the flash-attention kernels take float16/bfloat16 only; the models compute
+in fp32 and accept fp32 (``any_dtype``) so that the fused path can be compared with the eager one on CPU.
+Each call is recorded in ``CALLS`` (kernel name, layout/mode, shapes) for the tests to inspect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from glm4v_ms import ops
+
+CALLS: List[dict] = []
+COMPRESSED = np.triu(np.ones((2048, 2048), dtype=bool), 1)
+
+
+def _np(t) -> np.ndarray:
+    return t.astype(ms.float32).asnumpy() if isinstance(t, Tensor) else np.asarray(t, np.float32)
+
+
+def _back(a: np.ndarray, like: Tensor) -> Tensor:
+    return Tensor(a.astype(np.float32)).astype(like.dtype)
+
+
+def _softmax_rows(scores: np.ndarray, discard: Optional[np.ndarray]) -> np.ndarray:
+    """fp32 softmax over the last axis; discarded entries get probability 0; a row discarding everything gives 0
+    (the output of such a row is undefined for the kernel; callers only read rows with a visible key)."""
+    s = scores.astype(np.float32)
+    if discard is not None:
+        s = np.where(discard, -np.inf, s)
+    m = np.max(s, -1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    e = np.exp(s - m)
+    den = e.sum(-1, keepdims=True)
+    return np.where(den > 0, e / np.where(den > 0, den, 1), 0)
+
+
+def _attend(q, k, v, scale, discard):
+    """q [N1, S1, D], k/v [N2, S2, D], discard broadcastable to [N1, S1, S2]. Query head h uses kv head
+    h // (N1 / N2) (grouped-query attention)."""
+    n1, n2 = q.shape[0], k.shape[0]
+    assert n1 % n2 == 0, f"N2={n2} must divide N1={n1}"
+    kk, vv = np.repeat(k, n1 // n2, 0), np.repeat(v, n1 // n2, 0)
+    p = _softmax_rows(scale * q @ kk.transpose(0, 2, 1), discard)
+    return p @ vv
+
+
+def _causal(s1: int, s2: int, mode: int) -> np.ndarray:
+    """Discard pattern of sparse_mode 2 (leftUpCausal: j > i) or 3 (rightDownCausal: j > i + s2 - s1)."""
+    i, j = np.arange(s1)[:, None], np.arange(s2)[None, :]
+    return j > i if mode == 2 else j > i + (s2 - s1)
+
+
+def _check_compressed(attn_mask):
+    m = np.asarray(attn_mask.asnumpy() if isinstance(attn_mask, Tensor) else attn_mask)
+    assert m.shape[-2:] == (2048, 2048), f"sparse_mode 2/3 needs the 2048x2048 compressed mask, got {m.shape}"
+    assert np.array_equal(m.reshape(2048, 2048).astype(bool), COMPRESSED), "compressed mask is not upper-triangular"
+
+
+def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mask=None, padding_mask=None,
+                          attn_mask=None, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, keep_prob=1.0,
+                          scalar_value=1.0, pre_tokens=2147483647, next_tokens=2147483647, inner_precise=0,
+                          input_layout="BSH", sparse_mode=0):
+    assert real_shift is None and drop_mask is None and keep_prob == 1.0 and prefix is None
+    assert input_layout in ("BSH", "BNSD", "SBH", "BSND", "TND"), input_layout
+    assert sparse_mode in (0, 2, 3), f"sparse_mode {sparse_mode} not modelled"
+    q, k, v = _np(query), _np(key), _np(value)
+    d = q.shape[-1]
+    assert d % 16 == 0 and d <= 512, f"D={d} must be a multiple of 16 (<= 512)"
+    if sparse_mode in (2, 3):
+        _check_compressed(attn_mask)
+    CALLS.append(dict(kernel="flash_attention_score", layout=input_layout, sparse_mode=sparse_mode,
+                      q=q.shape, k=k.shape, qlen=actual_seq_qlen, kvlen=actual_seq_kvlen))
+    if input_layout == "TND":
+        assert actual_seq_qlen is not None and actual_seq_kvlen is not None, "TND needs actual_seq_qlen/kvlen"
+        qe, ke = list(actual_seq_qlen), list(actual_seq_kvlen)
+        assert len(qe) == len(ke) and qe[-1] == q.shape[0] and ke[-1] == k.shape[0], "cumulative ends != T"
+        assert all(b > a for a, b in zip([0] + qe, qe)) and all(b > a for a, b in zip([0] + ke, ke)), \
+            "actual_seq lengths must be cumulative, increasing, without empty sequences"
+        assert q.shape[1] == head_num
+        out = np.zeros_like(q)
+        for qs, qend, ks, kend in zip([0] + qe[:-1], qe, [0] + ke[:-1], ke):
+            disc = None if sparse_mode == 0 else _causal(qend - qs, kend - ks, sparse_mode)
+            o = _attend(q[qs:qend].transpose(1, 0, 2), k[ks:kend].transpose(1, 0, 2), v[ks:kend].transpose(1, 0, 2),
+                        scalar_value, disc)
+            out[qs:qend] = o.transpose(1, 0, 2)
+        return _back(out, query)
+    assert input_layout == "BNSD", "only TND and BNSD are modelled"
+    assert q.shape[1] == head_num
+    b, _, s1, _ = q.shape
+    s2 = k.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        if sparse_mode == 0:
+            disc = None
+            if attn_mask is not None:
+                m = np.asarray(attn_mask.asnumpy()).astype(bool)
+                disc = m if m.ndim == 2 else m[i] if m.shape[0] == b else m[0]
+                assert disc.shape[-2:] == (s1, s2), f"sparse_mode 0 mask must be full S1 x S2, got {m.shape}"
+        else:
+            disc = _causal(s1, s2, sparse_mode)
+        out[i] = _attend(q[i], k[i], v[i], scalar_value, disc)
+    return _back(out, query)
+
+
+def fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq_lengths=None,
+                                actual_seq_lengths_kv=None, num_heads=1, scale=1.0, pre_tokens=2147483647,
+                                next_tokens=2147483647, input_layout="BSH", num_key_value_heads=0, sparse_mode=0,
+                                inner_precise=1, **unused):
+    assert pse_shift is None and not any(v is not None for v in unused.values()), "unmodelled arguments"
+    assert input_layout == "BNSD", "only BNSD is modelled"
+    key = key[0] if isinstance(key, (list, tuple)) else key
+    value = value[0] if isinstance(value, (list, tuple)) else value
+    q, k, v = _np(query), _np(key), _np(value)
+    b, n1, s1, d = q.shape
+    n2 = num_key_value_heads or n1
+    assert q.shape[1] == num_heads, f"num_heads {num_heads} != query N {q.shape[1]}"
+    assert k.shape[1] == n2, f"BNSD: num_key_value_heads {n2} must equal the key's N {k.shape[1]}"
+    assert n1 % n2 == 0 and n1 // n2 <= 64
+    assert s1 == 1, "the decode branch (Q_S = 1) is modelled"
+    CALLS.append(dict(kernel="fused_infer_attention_score", layout=input_layout, q=q.shape, k=k.shape,
+                      kv_heads=num_key_value_heads))
+    s2 = k.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        disc = np.zeros((1, s2), bool)
+        if atten_mask is not None:
+            disc = np.asarray(atten_mask.asnumpy()).astype(bool)[i].reshape(1, s2)
+        if actual_seq_lengths_kv is not None:
+            disc = disc | (np.arange(s2) >= int(actual_seq_lengths_kv[i]))[None]
+        out[i] = _attend(q[i], k[i], v[i], scale, disc)
+    return _back(out, query), Tensor(np.zeros(1, np.float32))
+
+
+def rms_norm(x, gamma, epsilon=1e-6):
+    """y = x / sqrt(mean(x^2) + eps) * gamma, in fp32, one cast to x's dtype; rstd in fp32."""
+    a, g = _np(x), _np(gamma)
+    assert x.dtype == gamma.dtype, "x and gamma must have the same dtype"
+    rstd = 1.0 / np.sqrt(np.mean(a * a, -1, keepdims=True) + np.float32(epsilon))
+    CALLS.append(dict(kernel="rms_norm", shape=a.shape))
+    return _back(a * rstd * g, x), Tensor(rstd.astype(np.float32))
+
+
+def rotary_position_embedding(x, cos, sin, mode=0):
+    """mode 0: rotate_half (dim j pairs with j + D/2); mode 1: interleaved pairs. cos/sin layouts as documented."""
+    a, c, s = _np(x), _np(cos), _np(sin)
+    assert a.ndim == 4 and c.shape == s.shape and c.ndim == 4 and c.shape[-1] == a.shape[-1]
+    assert a.shape[-1] % 2 == 0 and a.shape[-1] < 896
+    bsnd = c.shape[1] == a.shape[1] and c.shape[2] == 1  # 1S1D / BS1D
+    bnsd = c.shape[1] == 1 and c.shape[2] == a.shape[2]  # 11SD / B1SD
+    assert bsnd or bnsd or c.shape == a.shape, f"cos layout {c.shape} does not fit x {a.shape}"
+    assert c.shape[0] in (1, a.shape[0])
+    if mode == 1:
+        assert c.shape[0] == 1, "mode 1 takes 11SD / 1S1D cos only"
+    if bnsd and not bsnd:
+        bb, n, sq = a.shape[0], a.shape[1], a.shape[2]
+        assert not (bb * n > 8 * sq), "BNSD with B*N > 8S is refused by the kernel"
+    CALLS.append(dict(kernel="rotary_position_embedding", mode=mode, x=a.shape, cos=c.shape))
+    if mode == 0:
+        h = a.shape[-1] // 2
+        rot = np.concatenate([-a[..., h:], a[..., :h]], -1)
+    else:
+        rot = np.stack([-a[..., 1::2], a[..., 0::2]], -1).reshape(a.shape)
+    return _back(a * c + rot * s, x)
+
+
+def swiglu(x, dim=-1):
+    a = _np(x)
+    g, u = np.split(a, 2, axis=dim)
+    CALLS.append(dict(kernel="swiglu", shape=a.shape))
+    return _back(g / (1 + np.exp(-g)) * u, x)
+
+
+SIMS = dict(flash_attention_score=flash_attention_score, fused_infer_attention_score=fused_infer_attention_score,
+            rms_norm=rms_norm, rotary_position_embedding=rotary_position_embedding, swiglu=swiglu)
+
+
+@contextlib.contextmanager
+def simulated_kernels():
+    """Fused path on, with the NumPy models in place of the Ascend kernels (restored afterwards)."""
+    saved = {k: getattr(ops.KERNELS, k) for k in SIMS}
+    state = dict(ops._FUSED)
+    for k, f in SIMS.items():
+        setattr(ops.KERNELS, k, f)
+    ops.set_fused(True, any_dtype=True)
+    CALLS.clear()
+    try:
+        yield CALLS
+    finally:
+        for k, f in saved.items():
+            setattr(ops.KERNELS, k, f)
+        ops._FUSED.update(state)
