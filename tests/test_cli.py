@@ -59,10 +59,14 @@ def _stderr_lines(r):
 
 
 def test_one_image_json(tiny, media):
-    r = run("--model_name", tiny, "--image", media["images"][0], "--prompt", "Describe.", "--json",
-            "--max_new_tokens", "12", "--greedy")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    outs = {}
+    for mode in ("graph", "eager"):
+        r = run("--model_name", tiny, "--image", media["images"][0], "--prompt", "Describe.", "--json",
+                "--max_new_tokens", "12", "--greedy", "--mode", mode)
+        assert r.returncode == 0, r.stderr
+        outs[mode] = out = json.loads(r.stdout.strip().splitlines()[-1])
+    same = all(outs["graph"][k] == outs["eager"][k] for k in ("thinking", "answer", "new_tokens"))
+    assert same, f"greedy output differs between --mode graph and eager: {outs}"
     for key in ("thinking", "answer", "boxes", "prompt_tokens", "new_tokens", "prefill_ms", "decode_tok_s"):
         assert key in out
     # 120x160 -> smart_resize 112x168 -> 8x12 patches -> 24 image tokens, plus template tokens
