@@ -28,20 +28,26 @@ def _edit(dst, fn):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def _assert_loaded_equals(model, ref):
+    """Every parameter equals the HF tensor after the model's load transform, and only the decoder's q/k projections
+    change (rows permuted per head into the half rotary layout)."""
+    permuted = set()
+    sd = ref.state_dict()
+    for name, p in model.parameters_and_names():
+        hf = sd[name].numpy()
+        np.testing.assert_array_equal(p.asnumpy(), model.checkpoint_transform(name, hf), err_msg=name)
+        if not np.array_equal(p.asnumpy(), hf):
+            permuted.add(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
+    assert permuted == {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"}
+
+
 def test_parameter_names_are_the_checkpoint_keys(ref_models):
     folder, ref = ref_models("untied", seed=0, **UNTIED)
     model = Glm4vForConditionalGeneration.from_pretrained(folder)
     ours = {n: tuple(p.shape) for n, p in model.parameters_and_names()}
     theirs = {n: tuple(p.shape) for n, p in ref.state_dict().items()}
     assert ours == theirs
-    permuted = set()
-    for name, p in model.parameters_and_names():
-        hf = ref.state_dict()[name].numpy()
-        np.testing.assert_array_equal(p.asnumpy(), model.checkpoint_transform(name, hf), err_msg=name)
-        if not np.array_equal(p.asnumpy(), hf):
-            permuted.add(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
-    # only the decoder's q/k projections change layout (rows permuted per head into the half rotary layout)
-    assert permuted == {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"}
+    _assert_loaded_equals(model, ref)
 
 
 def test_missing_tensor_is_named(ref_models, tmp_path):
@@ -76,14 +82,7 @@ def test_sharded_checkpoint(ref_models, tmp_path):
     shards = [f for f in os.listdir(dst) if f.endswith(".safetensors")]
     assert len(shards) > 2 and os.path.exists(dst / "model.safetensors.index.json")
     model = Glm4vForConditionalGeneration.from_pretrained(str(dst))
-    permuted = set()
-    for name, p in model.parameters_and_names():
-        hf = ref.state_dict()[name].numpy()
-        np.testing.assert_array_equal(p.asnumpy(), model.checkpoint_transform(name, hf), err_msg=name)
-        if not np.array_equal(p.asnumpy(), hf):
-            permuted.add(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
-    # only the decoder's q/k projections change layout (rows permuted per head into the half rotary layout)
-    assert permuted == {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"}
+    _assert_loaded_equals(model, ref)
     # A shard listed in the index but absent is named.
     os.remove(dst / shards[0])
     with pytest.raises(CheckpointError, match=rf"lists shard\(s\) that are not in .*{shards[0]}"):
