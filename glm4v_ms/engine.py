@@ -172,6 +172,7 @@ class GraphSession:
                       Tensor(float(gen.repetition_penalty), ms.float32))
         self.n_uniform = 1 if self.greedy else (top_k or vocab)
         self.rng = np.random.default_rng(gen.seed)
+        self._dummy = Tensor(np.full((batch, 1), 0.5, np.float32))
         self.batch, self.vocab = batch, vocab
         self.seen: Optional[Tensor] = None
         self.key_mask: Optional[Tensor] = None
@@ -180,8 +181,8 @@ class GraphSession:
         self.last_logits: Optional[np.ndarray] = None
 
     def _uniforms(self) -> Tensor:
-        if self.greedy:
-            return Tensor(np.full((self.batch, 1), 0.5, np.float32))
+        if self.greedy:  # unused by the graph; one constant per request, not a new tensor per step
+            return self._dummy
         u = self.rng.random((self.batch, self.n_uniform), dtype=np.float32)
         return Tensor(np.clip(u, np.float32(1e-12), np.float32(1 - 2 ** -24)))  # log(-log(u)) stays finite
 
