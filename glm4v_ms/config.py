@@ -187,6 +187,13 @@ class TextConfig:
                    f"got {self.eos_token_id}")
 
 
+# The marker tools/convert.py writes into config.json: {"glm4v_ms": {"layout": CONVERTED_LAYOUT, ...}}. A folder with
+# it holds tensors already in our layout (decoder q/k rows permuted into the half rotary layout); loading then skips
+# the transform and converting it again is refused.
+LAYOUT_KEY = "glm4v_ms"
+CONVERTED_LAYOUT = "half_rotary_qk/v1"
+
+
 _TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
                     "video_start_token_id", "video_end_token_id")
 
@@ -201,6 +208,14 @@ class Glm4vConfig:
     image_end_token_id: int = 151340
     video_start_token_id: int = 151341
     video_end_token_id: int = 151342
+    # "hf" (tensors as transformers stores them) or CONVERTED_LAYOUT (written by tools/convert.py)
+    layout: str = "hf"
+    # the raw ``quantization_config`` object of a quantised checkpoint (parsed by quant.GPTQConfig), else None
+    quantization: Optional[Dict[str, Any]] = None
+
+    @property
+    def converted(self) -> bool:
+        return self.layout == CONVERTED_LAYOUT
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -234,7 +249,18 @@ class Glm4vConfig:
         text = TextConfig.from_dict(text_d)
         vision = VisionConfig.from_dict(vision_d)
         ids = {k: d[k] for k in _TOKEN_ID_FIELDS if d.get(k) is not None}
-        cfg = cls(text=text, vision=vision, **ids)
+        marker = d.get(LAYOUT_KEY)
+        layout = "hf"
+        if marker is not None:
+            layout = marker.get("layout") if isinstance(marker, dict) else None
+            if layout != CONVERTED_LAYOUT:
+                raise ValueError(f"config field '{LAYOUT_KEY}.layout': {layout!r} is not a layout this version of "
+                                 f"glm4v_ms reads (expected {CONVERTED_LAYOUT!r}); convert the original Hugging Face "
+                                 "folder again with tools/convert.py")
+        quant = d.get("quantization_config", text_d.get("quantization_config"))
+        if quant is not None and not isinstance(quant, dict):
+            raise ValueError("config field 'quantization_config': expected a JSON object")
+        cfg = cls(text=text, vision=vision, layout=layout, quantization=quant, **ids)
         cfg.validate()
         return cfg
 

@@ -71,15 +71,17 @@ class Glm4vForConditionalGeneration(nn.Cell):
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str, dtype=ms.float32) -> "Glm4vForConditionalGeneration":
-        """Load a HF GLM-4.1V folder (config.json + model.safetensors or a sharded index). bf16 files are cast to
-        ``dtype`` (default float32)."""
+        """Load a GLM-4.1V folder: as saved by Hugging Face (config.json + model.safetensors or a sharded index) or as
+        written by tools/convert.py (its config.json carries the layout marker and the tensors are already in our
+        layout). bf16 files are cast to ``dtype`` (default float32)."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"model folder not found: {folder}")
         config = Glm4vConfig.from_pretrained(folder)
         model = cls(config, dtype)
         ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        load_weights(model, folder, ignore=ignore, transform=model.checkpoint_transform)
+        # A converted folder already stores the decoder's q/k rows in the half rotary layout: never permute twice.
+        load_weights(model, folder, ignore=ignore, transform=None if config.converted else model.checkpoint_transform)
         from .generation import GenerationConfig
 
         # Static defaults of the checkpoint (like HF's model.generation_config); not per-request state.

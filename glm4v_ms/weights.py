@@ -94,6 +94,26 @@ def _fmt(names: List[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def check_names(expected: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]], folder: str,
+                ignore: Tuple[str, ...] = ()) -> None:
+    """Raise ``CheckpointError`` naming every missing, unexpected or mis-shaped tensor.
+
+    ``expected``: parameter name -> shape of the model; ``shapes``: tensor name -> shape in the checkpoint."""
+    unexpected = [k for k in shapes if k not in expected and k not in ignore]
+    missing = [k for k in expected if k not in shapes]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors (not part of this model/config): {_fmt(unexpected)}")
+    bad_shape = [f"{k} (checkpoint {list(shapes[k])}, model {list(expected[k])})"
+                 for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    if bad_shape:
+        problems.append(f"shape mismatch: {_fmt(bad_shape)}")
+    if problems:
+        raise CheckpointError(f"checkpoint in {folder} does not match config.json: " + "; ".join(problems))
+
+
 def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
                  transform: Optional[Callable[[str, np.ndarray], np.ndarray]] = None) -> None:
     """Set every parameter of ``model`` from the checkpoint in ``folder`` (strict).
@@ -103,19 +123,7 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
     params = dict(model.parameters_and_names())
     files = checkpoint_files(folder)
     shapes = read_shapes(files)
-    unexpected = [k for k in shapes if k not in params and k not in ignore]
-    missing = [k for k in params if k not in shapes]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors (not part of this model/config): {_fmt(unexpected)}")
-    bad_shape = [f"{k} (checkpoint {list(shapes[k])}, model {list(params[k].shape)})"
-                 for k in params if k in shapes and tuple(shapes[k]) != tuple(params[k].shape)]
-    if bad_shape:
-        problems.append(f"shape mismatch: {_fmt(bad_shape)}")
-    if problems:
-        raise CheckpointError(f"checkpoint in {folder} does not match config.json: " + "; ".join(problems))
+    check_names({k: tuple(p.shape) for k, p in params.items()}, shapes, folder, ignore)
     for name, arr in iter_tensors(files, list(params)):
         p = params[name]
         target = _NP_DTYPE.get(p.dtype)
