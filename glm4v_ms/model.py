@@ -70,23 +70,71 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=ms.float32) -> "Glm4vForConditionalGeneration":
-        """Load a GLM-4.1V folder: as saved by Hugging Face (config.json + model.safetensors or a sharded index) or as
+    def from_pretrained(cls, folder: str, dtype=ms.float32,
+                        quantized_weights: str = "auto") -> "Glm4vForConditionalGeneration":
+        """Load a GLM-4.1V folder: as saved by Hugging Face (config.json + model.safetensors or a sharded index), as
         written by tools/convert.py (its config.json carries the layout marker and the tensors are already in our
-        layout). bf16 files are cast to ``dtype`` (default float32)."""
+        layout), or a GPTQ checkpoint (``quantization_config``; int4 / int8 / mixed, see quant.py). Float tensors are
+        cast to ``dtype`` (default float32).
+
+        ``quantized_weights`` (GPTQ only): ``"dequantize"`` turns every quantised layer into a float layer of
+        ``dtype`` at load time (exact: (q - zero) * scale in fp32, then cast); ``"int"`` keeps the integer weights
+        (quant.QuantLinear: Ascend's weight-quant matmul, or per-call dequantisation elsewhere, which saves memory
+        but not time); ``"auto"``: ``"int"`` when the fused Ascend kernels are on, else ``"dequantize"``."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"model folder not found: {folder}")
+        if quantized_weights not in ("auto", "dequantize", "int"):
+            raise ValueError(f"quantized_weights must be 'auto', 'dequantize' or 'int', got {quantized_weights!r}")
         config = Glm4vConfig.from_pretrained(folder)
         model = cls(config, dtype)
         ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        keep_int = quantized_weights == "int" or (quantized_weights == "auto" and ops.fused())
+        quantized, zero_offset = model._plan_quantized(folder, keep_int)
         # A converted folder already stores the decoder's q/k rows in the half rotary layout: never permute twice.
-        load_weights(model, folder, ignore=ignore, transform=None if config.converted else model.checkpoint_transform)
+        load_weights(model, folder, ignore=ignore, transform=None if config.converted else model.checkpoint_transform,
+                     quantized=quantized, zero_offset=zero_offset)
         from .generation import GenerationConfig
 
         # Static defaults of the checkpoint (like HF's model.generation_config); not per-request state.
         model.generation_config = GenerationConfig.from_pretrained(folder, text_config=config.text)
         return model
+
+    def _plan_quantized(self, folder: str, keep_int: bool):
+        """GPTQ modules of the checkpoint in ``folder`` -> {name: (spec, keep_int, out, in)} and the zero offset;
+        with ``keep_int`` their Linear cells are replaced by quant.QuantLinear. Nothing for a float checkpoint."""
+        from . import quant
+        from .weights import CheckpointError, checkpoint_files
+
+        names = sorted(k[:-len(".qweight")] for k in checkpoint_files(folder) if k.endswith(".qweight"))
+        qc = self.config.quantization
+        if not names and qc is None:
+            return {}, 1
+        if qc is None:
+            raise CheckpointError(f"{folder} holds GPTQ tensors ({names[0]}.qweight, ...) but its config.json has no "
+                                  "quantization_config; restore the config.json that came with the checkpoint")
+        cfg = quant.GPTQConfig.from_dict(qc)
+        if not names:
+            raise CheckpointError(f"config.json in {folder} declares GPTQ quantization but the checkpoint has no "
+                                  ".qweight tensors")
+        cells = dict(self.cells_and_names())
+        plan = {}
+        for name in names:
+            cell = cells.get(name)
+            if not isinstance(cell, Linear):
+                raise CheckpointError(f"quantised tensor {name}.qweight does not belong to a linear layer of this "
+                                      "model; the checkpoint is not a GLM-4.1V GPTQ checkpoint")
+            spec = cfg.for_module(name)
+            plan[name] = (spec, keep_int, cell.out_features, cell.in_features)
+            if keep_int and spec is not None and ops.fused() and spec.group_size != -1 and spec.group_size % 32:
+                raise quant.QuantConfigError(
+                    f"module {name}: group_size {spec.group_size} is not a multiple of 32, which Ascend's weight-quant "
+                    "matmul needs; load with quantized_weights='dequantize'")
+            if keep_int and spec is not None:
+                parent, _, child = name.rpartition(".")
+                cells[parent].insert_child_to_cell(child, quant.QuantLinear(
+                    cell.in_features, cell.out_features, cell.bias is not None, spec, spec.desc_act, self.dtype))
+        return plan, cfg.zero_offset
 
     def checkpoint_transform(self, name: str, arr: np.ndarray) -> np.ndarray:
         """HF tensor -> our parameter: the decoder's q/k projection rows (weight and bias) are permuted per head into
@@ -98,6 +146,12 @@ class Glm4vForConditionalGeneration(nn.Cell):
             rows = arr.shape[0]
             return arr.reshape(rows // t.head_dim, t.head_dim, *arr.shape[1:])[:, perm].reshape(arr.shape)
         return arr
+
+    def round_parameters(self, dtype) -> None:
+        """Round every parameter to ``dtype`` and back, in place (with ops.set_bf16_emulation: a bf16 model
+        emulated in fp32 on CPU). Parameters read from a bf16 checkpoint are unchanged by it."""
+        for _, p in self.parameters_and_names():
+            p.set_data(p.astype(dtype).astype(p.dtype))
 
     @property
     def dtype(self):

@@ -5,7 +5,8 @@ Two implementations of every device-dependent op, chosen here and nowhere else:
 * eager (CPU, and Ascend in fp32): the semantics of the PyTorch reference (transformers 4.57, eager attention),
   written with MindSpore ops that have CPU kernels (see shared/reference/mindspore-cpu.md). It is the reference twin
   of every fast path and runs unchanged inside ``mindspore.jit`` (graph mode, engine.py).
-* fused (Ascend, on by default there): ``flash_attention_score`` (ViT in layout TND over cu_seqlens; causal prefill
+* fused (Ascend, on by default there): ``weight_quant_batch_matmul`` (GPTQ int4/int8 weights, quant.py),
+  ``flash_attention_score`` (ViT in layout TND over cu_seqlens; causal prefill
   with the compressed 2048 x 2048 mask, sparse_mode 3), ``fused_infer_attention_score`` (decode over the static cache
   with native GQA), ``rms_norm``, ``rotary_position_embedding`` (mode 0) and ``swiglu``. The kernels are looked up in
   ``KERNELS`` at call time; the tests put NumPy models of their documented semantics there (tests/ascend_sim.py).
@@ -25,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, ops
+from mindspore.ops.auto_generate import weight_quant_batch_matmul
 
 _DEVICE = {"target": None}
 # Fused Ascend kernels on/off (on by default on Ascend). ``any_dtype`` lets NumPy models of the kernels (tests) run
@@ -39,7 +41,31 @@ KERNELS = SimpleNamespace(
     rms_norm=ops.rms_norm,
     rotary_position_embedding=ops.rotary_position_embedding,
     swiglu=ops.swiglu,
+    weight_quant_batch_matmul=weight_quant_batch_matmul,
 )
+
+
+# bf16 emulation on CPU (MindSpore has no bf16 matmul there): the model computes in fp32, and the outputs of linear
+# layers, norms, attention (its probabilities too), swiglu and rotary are rounded to bf16, as a bf16 model stores
+# them. Residual additions and the reference's fp32 islands are not rounded. Used by tools/parity.py --dtype bfloat16
+# on CPU, so that its bf16 thresholds are exercised where no NPU exists; it approximates, and does not replace, a
+# real bf16 run on Ascend.
+_BF16_EMULATION = {"on": False}
+
+
+def set_bf16_emulation(on: bool) -> None:
+    """Round activations to bf16 at every op output listed above (fp32 models only; read at call/trace time)."""
+    _BF16_EMULATION["on"] = bool(on)
+
+
+def bf16_emulation() -> bool:
+    return _BF16_EMULATION["on"]
+
+
+def _r(x: Tensor) -> Tensor:
+    if _BF16_EMULATION["on"] and x.dtype == ms.float32:
+        return x.astype(ms.bfloat16).astype(ms.float32)
+    return x
 
 
 def fused() -> bool:
@@ -111,7 +137,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     y = _MATMUL_TB(x.reshape(-1, shape[-1]), weight)
     if bias is not None:
         y = y + bias
-    return y.reshape(*shape[:-1], weight.shape[0])
+    return _r(y.reshape(*shape[:-1], weight.shape[0]))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -125,7 +151,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     h = x.astype(ms.float32)
     var = mint.mean(h * h, -1, keepdim=True)
     h = h * mint.rsqrt(var + eps)
-    return weight * h.astype(dtype)
+    return _r(weight * _r(h.astype(dtype)))
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -136,7 +162,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     c = h - mean
     var = mint.mean(c * c, -1, keepdim=True)
     y = c * mint.rsqrt(var + eps)
-    return (y * weight.astype(ms.float32) + bias.astype(ms.float32)).astype(dtype)
+    return _r((y * weight.astype(ms.float32) + bias.astype(ms.float32)).astype(dtype))
 
 
 def gelu_exact(x: Tensor) -> Tensor:
@@ -153,7 +179,7 @@ def swiglu(gate_up: Tensor) -> Tensor:
     if fused():
         return KERNELS.swiglu(gate_up, -1)
     inner = gate_up.shape[-1] // 2
-    return silu(gate_up[..., :inner]) * gate_up[..., inner:]
+    return _r(_r(silu(gate_up[..., :inner])) * gate_up[..., inner:])
 
 
 def embedding(weight: Tensor, ids: Tensor) -> Tensor:
@@ -161,10 +187,10 @@ def embedding(weight: Tensor, ids: Tensor) -> Tensor:
 
 
 def _softmax_fp32(scores: Tensor, dtype) -> Tensor:
-    return ops.softmax(scores.astype(ms.float32), axis=-1).astype(dtype)
+    return _r(ops.softmax(scores.astype(ms.float32), axis=-1).astype(dtype))
 
 
-def _fused_dtype(t: Tensor) -> bool:
+def fused_dtype(t: Tensor) -> bool:
     """The flash-attention kernels take float16/bfloat16 only; fp32 runs the eager math even on Ascend."""
     return t.dtype in (ms.float16, ms.bfloat16) or _FUSED["any_dtype"]
 
@@ -178,7 +204,7 @@ def vision_attention(q: Tensor, k: Tensor, v: Tensor, segments: Sequence[int], s
     end offsets, no mask, sparse_mode 0. Eager: a loop over the segments."""
     n, heads, hd = q.shape
     bounds = [int(e) for i, e in enumerate(segments) if i == 0 or e > segments[i - 1]]  # drop empty segments
-    if fused() and _fused_dtype(q):
+    if fused() and fused_dtype(q):
         ends = tuple(bounds[1:])
         out = KERNELS.flash_attention_score(q, k, v, heads, actual_seq_qlen=ends, actual_seq_kvlen=ends,
                                             scalar_value=scale, input_layout="TND", sparse_mode=0)
@@ -192,7 +218,7 @@ def vision_attention(q: Tensor, k: Tensor, v: Tensor, segments: Sequence[int], s
         w = _softmax_fp32(w, q.dtype)
         outs.append(mint.matmul(w, vs).transpose(1, 0, 2))  # [H, L, D] -> [L, H, D]
     out = outs[0] if len(outs) == 1 else mint.cat(outs, 0)
-    return out.reshape(n, heads * hd)
+    return _r(out.reshape(n, heads * hd))
 
 
 _COMPRESSED_CAUSAL = {}
@@ -218,7 +244,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
     Eager: queries grouped per KV head ([B, KVH, rep * S, D]), matmul, additive mask, fp32 softmax, matmul."""
     b, h, s, d = q.shape
     kvh, t = k.shape[1], k.shape[2]
-    if fused() and _fused_dtype(q):
+    if fused() and fused_dtype(q):
         if s == 1:
             out = KERNELS.fused_infer_attention_score(q, [k], [v], atten_mask=mask < 0, num_heads=h, scale=scale,
                                                       input_layout="BNSD", num_key_value_heads=kvh)[0]
@@ -236,7 +262,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
         w = (w.reshape(b, kvh, rep, s, t) + mask.reshape(b, 1, 1, s, t)).reshape(b, kvh, rep * s, t)
     w = _softmax_fp32(w, q.dtype)
     out = mint.matmul(w, v).reshape(b, h, s, d)  # [B, KVH, rep*S, D] -> [B, H, S, D]
-    return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+    return _r(out.transpose(0, 2, 1, 3).reshape(b, s, h * d))
 
 
 def rotary_half(x: Tensor, cos: Tensor, sin: Tensor, upcast: bool = False) -> Tensor:
@@ -258,7 +284,7 @@ def rotary_half(x: Tensor, cos: Tensor, sin: Tensor, upcast: bool = False) -> Te
         half = x.shape[-1] // 2
         rot = mint.cat([-x[..., half:], x[..., :half]], -1)
         out = x * c + rot * sn
-    return out.astype(dtype)
+    return _r(out.astype(dtype))
 
 
 _SCATTER = ops.ScatterNdUpdate()

@@ -114,25 +114,79 @@ def check_names(expected: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[in
         raise CheckpointError(f"checkpoint in {folder} does not match config.json: " + "; ".join(problems))
 
 
+def _cast(name: str, arr: np.ndarray, target) -> np.ndarray:
+    if arr.dtype != target:
+        if arr.dtype.kind not in "fV" and arr.dtype != ml_dtypes.bfloat16:
+            raise CheckpointError(f"tensor '{name}' has dtype {arr.dtype}; expected a floating-point tensor")
+        arr = arr.astype(np.float32).astype(target) if arr.dtype == ml_dtypes.bfloat16 else arr.astype(target)
+    return arr
+
+
 def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
-                 transform: Optional[Callable[[str, np.ndarray], np.ndarray]] = None) -> None:
+                 transform: Optional[Callable[[str, np.ndarray], np.ndarray]] = None,
+                 quantized: Optional[Dict[str, tuple]] = None, zero_offset: int = 1) -> None:
     """Set every parameter of ``model`` from the checkpoint in ``folder`` (strict).
 
     ``ignore``: checkpoint keys that may be present and are not used (e.g. ``lm_head.weight`` of a tied model);
-    ``transform(name, array)``: the model's layout change for a tensor (shape-preserving), applied after reading."""
+    ``transform(name, array)``: the model's layout change for a tensor (shape-preserving along dims >= 1; it
+    permutes dim 0), applied after reading.
+    ``quantized``: GPTQ modules, name -> (quant.GPTQSpec, keep_int, out_features, in_features). Their ``qweight/qzeros/scales/g_idx`` are read
+    together, one module at a time, and either dequantised into the module's float ``weight`` or (keep_int, the
+    module is a quant.QuantLinear) turned into its integer weight, scale, offset and act-order permutation.
+    ``zero_offset``: added to stored GPTQ zeros (1 for the v1 format)."""
+    from . import quant
+
+    quantized = quantized or {}
     params = dict(model.parameters_and_names())
     files = checkpoint_files(folder)
     shapes = read_shapes(files)
-    check_names({k: tuple(p.shape) for k, p in params.items()}, shapes, folder, ignore)
-    for name, arr in iter_tensors(files, list(params)):
+    # The name check sees each quantised module as its float weight [N, K]; its own tensors are checked against the
+    # quantisation spec (quant.check_module) and int-kept modules' integer parameters are filled below.
+    virtual = {k: v for k, v in shapes.items() if not any(k == f"{m}.{q}" for m in quantized for q in quant.QUANT_KEYS)}
+    expected = {k: tuple(p.shape) for k, p in params.items()}
+    for m, (spec, keep_int, n, k) in quantized.items():
+        quant.check_module(m, spec, shapes, n, k)
+        if keep_int:  # QuantLinear's integer weight, scale, offset (and act_perm) are derived, not read
+            for name in [x for x in expected if x.startswith(m + ".") and x != f"{m}.bias"]:
+                expected.pop(name)
+        else:
+            virtual[f"{m}.weight"] = (n, k)
+    check_names(expected, virtual, folder, ignore)
+
+    def put(name: str, arr: np.ndarray, dtype=None) -> None:
         p = params[name]
-        target = _NP_DTYPE.get(p.dtype)
+        target = _NP_DTYPE.get(p.dtype) if dtype is None else dtype
         if target is None:
             raise CheckpointError(f"unsupported parameter dtype {p.dtype} for {name}")
-        if arr.dtype != target:
-            if arr.dtype.kind not in "fV" and arr.dtype != ml_dtypes.bfloat16:
-                raise CheckpointError(f"tensor '{name}' has dtype {arr.dtype}; expected a floating-point tensor")
-            arr = arr.astype(np.float32).astype(target) if arr.dtype == ml_dtypes.bfloat16 else arr.astype(target)
+        arr = _cast(name, arr, target)
         if transform is not None:
             arr = transform(name, arr)
         p.set_data(Tensor(np.ascontiguousarray(arr)))
+
+    plain = [k for k in expected if k in shapes]
+    for name, arr in iter_tensors(files, plain):
+        put(name, arr)
+    for m, (spec, keep_int, _, _) in quantized.items():
+        raw = {}
+        for key in quant.QUANT_KEYS:
+            if f"{m}.{key}" in files:
+                with safe_open(files[f"{m}.{key}"], framework="numpy") as f:
+                    raw[key] = f.get_tensor(f"{m}.{key}")
+        qt = quant.read_module(m, spec, raw, zero_offset)
+        if not keep_int:
+            put(f"{m}.weight", qt.dequantize())
+            continue
+        target = _NP_DTYPE[params[f"{m}.scale"].dtype]
+        arrays = quant.int_parameters(qt, spec, m, np.float32)
+        if "act_perm" in arrays:
+            params[f"{m}.act_perm"].set_data(Tensor(arrays.pop("act_perm")))
+        for key in ("weight", "scale", "offset"):  # [N, ...]: the transform permutes output rows, then back to [., N]
+            arr = arrays[key] if transform is None else transform(f"{m}.{key}", arrays[key])
+            arrays[key] = np.ascontiguousarray(arr.T)
+        params[f"{m}.scale"].set_data(Tensor(arrays["scale"].astype(target)))
+        params[f"{m}.offset"].set_data(Tensor(arrays["offset"].astype(target)))
+        w = arrays["weight"]
+        if spec.bits == 4:
+            params[f"{m}.weight"].set_data(Tensor(quant.pack_int4_pairs(w), dtype=params[f"{m}.weight"].dtype))
+        else:
+            params[f"{m}.weight"].set_data(Tensor(w))

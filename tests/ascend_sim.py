@@ -1,6 +1,6 @@
 """NumPy models of the Ascend kernels the fused path calls, written from their documented semantics (MindSpore 2.10
 docstrings of mindspore.ops.flash_attention_score, fused_infer_attention_score, rms_norm,
-rotary_position_embedding, swiglu). They stand in for the kernels in tests (PyNative only): ``simulated_kernels()``
+rotary_position_embedding, swiglu; CANN's aclnnWeightQuantBatchMatmulV2 page for the weight-quant matmul). They stand in for the kernels in tests (PyNative only): ``simulated_kernels()``
 puts them into ``glm4v_ms.ops.KERNELS`` and switches the fused path on.
 
 Documented constraints are enforced (layouts, the 2048 x 2048 compressed causal mask for sparse modes 2/3, cumulative
@@ -20,6 +20,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from glm4v_ms import ops
+from glm4v_ms.quant import unpack_int4_pairs
 
 CALLS: List[dict] = []
 COMPRESSED = np.triu(np.ones((2048, 2048), dtype=bool), 1)
@@ -182,8 +183,44 @@ def swiglu(x, dim=-1):
     return _back(g / (1 + np.exp(-g)) * u, x)
 
 
+def weight_quant_batch_matmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None, quant_offset=None,
+                              bias=None, transpose_x=False, transpose_weight=False, antiquant_group_size=0):
+    """y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias (aclnnWeightQuantBatchMatmulV2 / MindSpore
+    WeightQuantBatchMatmul). x [M, K] float16/bfloat16; weight [K, N] int8, or qint4x2 [K, N/2] holding two int4
+    values per byte along N (element 2j in the low nibble: an assumption about the packing order, checked on a
+    device by tools/ascend_check.py); per-channel: group size 0, scale/offset [N] or [1, N]; per-group: group size a
+    multiple of 32 in [32, K - 1], scale/offset [ceil(K / group), N]; scale/offset in x's dtype."""
+    assert not transpose_x and not transpose_weight and quant_scale is None and quant_offset is None
+    a = _np(x)
+    assert a.ndim == 2
+    raw = weight.asnumpy()
+    assert raw.dtype == np.int8
+    w = unpack_int4_pairs(raw) if weight.dtype == ms.qint4x2 else raw
+    k, n = w.shape
+    assert a.shape[1] == k, f"x {a.shape} does not fit weight [{k}, {n}]"
+    assert antiquant_scale.dtype == x.dtype and (antiquant_offset is None or antiquant_offset.dtype == x.dtype)
+    sc = _np(antiquant_scale).reshape(-1, n)
+    off = np.zeros_like(sc) if antiquant_offset is None else _np(antiquant_offset).reshape(-1, n)
+    gs = int(antiquant_group_size)
+    if gs == 0:
+        assert sc.shape[0] == 1, "per-channel scales are [N] or [1, N]"
+        rows = np.zeros(k, np.int64)
+    else:
+        assert gs % 32 == 0 and 32 <= gs <= k - 1, f"group size {gs} must be a multiple of 32 in [32, K-1]"
+        assert sc.shape[0] == -(-k // gs), f"per-group scales must be [ceil(K/{gs}), N]"
+        rows = np.arange(k) // gs
+    deq = (w.astype(np.float32) + off[rows]) * sc[rows]
+    y = a @ deq
+    if bias is not None:
+        y = y + _np(bias)
+    CALLS.append(dict(kernel="weight_quant_batch_matmul", bits=4 if weight.dtype == ms.qint4x2 else 8, group=gs,
+                      x=a.shape, w=(k, n)))
+    return _back(y, x)
+
+
 SIMS = dict(flash_attention_score=flash_attention_score, fused_infer_attention_score=fused_infer_attention_score,
-            rms_norm=rms_norm, rotary_position_embedding=rotary_position_embedding, swiglu=swiglu)
+            rms_norm=rms_norm, rotary_position_embedding=rotary_position_embedding, swiglu=swiglu,
+            weight_quant_batch_matmul=weight_quant_batch_matmul)
 
 
 @contextlib.contextmanager
