@@ -9,7 +9,8 @@ On a tiny random model (head dims the kernels accept), on the device:
 and reports per stage the relative error of the fast path (vision features, prefill logits, each decode step's
 logits) and how many greedy tokens agree; then a device memory-bandwidth microbenchmark and decode tokens/s (of
 ``--model`` if given, else of the tiny model). Exits 1 if an error is above its tolerance (bf16 vs fp32:
-vision features 3e-2, logits 5e-2), 2 without an NPU.
+vision features 3e-2, logits 5e-2; GPTQ int4/int8 weights through the weight-quant matmul 2e-2), 2 without an
+NPU.
 
 ``--allow_cpu`` runs the same script on CPU in fp32 with the fused kernels off: a dry run of this tool that
 verifies nothing about Ascend.
@@ -29,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TOLERANCE = {"vision.features": 3e-2, "prefill.logits": 5e-2, "decode.logits": 5e-2}
+TOLERANCE = {"vision.features": 3e-2, "prefill.logits": 5e-2, "decode.logits": 5e-2, "weight_quant": 2e-2}
 
 
 def rel(a, b) -> float:
@@ -79,6 +80,37 @@ def bandwidth_gb_s(ms, size_mb: int = 1024) -> float:
 
 def _scale(x, s):
     return x * s
+
+
+def weight_quant_errors(ms, dtype, fused: bool) -> dict:
+    """GPTQ integer weights through quant.QuantLinear (on an NPU: weight_quant_batch_matmul, with int4 packed two per
+    byte, element 2j in the low nibble; int8; per-group 128 and per-channel) against x @ ((w + offset) * scale) in
+    fp32 numpy. Checks the kernel's argument conventions and the int4 packing order glm4v_ms assumes."""
+    from mindspore import Tensor
+    from glm4v_ms import ops
+    from glm4v_ms.quant import GPTQSpec, QuantLinear, pack_int4_pairs
+
+    rng = np.random.default_rng(2)
+    out = {}
+    k, n = 512, 256
+    ops.set_fused(fused)
+    for bits, gs in ((4, 128), (8, 128), (4, -1)):
+        spec = GPTQSpec(bits=bits, group_size=gs, sym=False, desc_act=False)
+        half = 1 << (bits - 1)
+        w = rng.integers(-half, half, size=(k, n)).astype(np.int8)
+        g = spec.groups(k)
+        scale = (rng.random((g, n)) * 0.02 + 0.001).astype(np.float32)
+        offset = rng.integers(-2, 3, size=(g, n)).astype(np.float32)
+        x = rng.standard_normal((4, k)).astype(np.float32)
+        rows = np.zeros(k, np.int64) if gs == -1 else np.arange(k) // gs
+        ref = x @ ((w.astype(np.float32) + offset[rows]) * scale[rows])
+        layer = QuantLinear(k, n, False, spec, False, dtype)
+        layer.weight.set_data(Tensor(pack_int4_pairs(w) if bits == 4 else w, dtype=layer.weight.dtype))
+        layer.scale.set_data(Tensor(scale).astype(dtype))
+        layer.offset.set_data(Tensor(offset).astype(dtype))
+        y = layer(Tensor(x).astype(dtype)).astype(ms.float32).asnumpy()
+        out[f"weight_quant int{bits} group {gs}"] = rel(y, ref)
+    return out
 
 
 def decode_speed(model, tokens: int) -> float:
@@ -150,13 +182,15 @@ def main(argv=None) -> int:
               "prefill.logits": rel(fast_logits[0], ref_logits),
               "decode.logits": max(rel(fast_logits[k], full[:, s - 1 + k]) for k in range(1, n))}
     agree = int(np.cumprod(np.stack(seq, 1)[0] == ref_seq[0, s:]).sum())
+    errors.update(weight_quant_errors(ms, fast_dtype, fused))
     ops.set_fused(fused)
     print(f"device: {ops.device_target()}  fast path: {fast_dtype}, fused kernels {'on' if fused else 'off'}, graph")
     failed = False
     for k, v in errors.items():
-        ok = v <= TOLERANCE[k]
+        tol = TOLERANCE[k.split(" ")[0]]
+        ok = v <= tol
         failed |= not ok
-        print(f"  {k:<16} rel err {v:.2e}  (tolerance {TOLERANCE[k]:.0e})  {'ok' if ok else 'FAILED'}")
+        print(f"  {k:<30} rel err {v:.2e}  (tolerance {tol:.0e})  {'ok' if ok else 'FAILED'}")
     print(f"  greedy tokens agreeing before the first difference: {agree}/{n} (bf16 may diverge on near-ties)")
     print(f"  memory bandwidth (device copy): {bandwidth_gb_s(ms):.1f} GB/s")
     speed_model = Glm4vForConditionalGeneration.from_pretrained(args.model, dtype=fast_dtype) if args.model else fast
