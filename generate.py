@@ -50,6 +50,10 @@ def parse_args(argv=None):
     ap.add_argument("--mode", default="graph", choices=["graph", "eager"],
                     help="graph: prefill and decode compiled with mindspore.jit, sampling on device (fast; compiles "
                          "once per length bucket); eager: PyNative with host sampling (the reference path)")
+    ap.add_argument("--quantized_weights", default="auto", choices=["auto", "dequantize", "int"],
+                    help="GPTQ checkpoints only: dequantize to --dtype at load time, or keep the int4/int8 weights "
+                         "(Ascend's weight-quant matmul; elsewhere dequantised per call: less memory, slower); auto: "
+                         "int on Ascend, dequantize on CPU")
     args = ap.parse_args(argv)
     if not args.chat and args.prompt is None:
         ap.error("--prompt is required (or use --chat)")
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
             raise ValueError("--draw_boxes needs an --image to draw on")
         if sys.stderr.isatty():  # progress for people; logs and error output stay one line per event
             print(f"[loading {args.model_name}]", file=sys.stderr)
-        pipe = Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device, mode=args.mode)
+        pipe = Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device, mode=args.mode,
+                                             quantized_weights=args.quantized_weights)
         first_image = load_image(args.image[0]) if args.image else None
         media = dict(images=args.image, video=args.video, pdf=args.pdf, pdf_pages=args.pdf_pages,
                      pdf_dpi=args.pdf_dpi, system=args.system)

@@ -92,7 +92,7 @@ class Glm4vPipeline:
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: str = "float32", device: str = "CPU",
-                        mode: str = "graph") -> "Glm4vPipeline":
+                        mode: str = "graph", quantized_weights: str = "auto") -> "Glm4vPipeline":
         from . import ops
         from .model import Glm4vForConditionalGeneration
         from .processing import Glm4vProcessor
@@ -102,7 +102,7 @@ class Glm4vPipeline:
             raise ValueError("bfloat16 compute needs an Ascend device (MindSpore has no bf16 matmul on CPU); "
                              "use --dtype float32 on CPU")
         folder = resolve_model(name)
-        model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=dtype, quantized_weights=quantized_weights)
         processor = Glm4vProcessor.from_pretrained(folder)
         return cls(model, processor, model.generation_config, folder, mode)
 

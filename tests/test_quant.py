@@ -236,3 +236,34 @@ def test_inconsistent_gptq_checkpoints_are_errors(hf, tmp_path):
 
 def test_fused_flag_is_restored():
     assert not ops.fused()
+
+
+def test_cli_runs_a_gptq_checkpoint(tmp_path):
+    """generate.py on a mixed int4/int8 GPTQ folder (the tiny model, tokenizer and all): dequantised and integer
+    weights give the same greedy answer."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from glm4v_ms.tiny import make_tiny_model
+
+    src = make_tiny_model(str(tmp_path / "tiny"))
+    cfg = json.loads(open(os.path.join(src, "config.json")).read())
+    layers = cfg.get("text_config", cfg)["num_hidden_layers"]
+    mods = {f"model.language_model.layers.{i}.{p}": dict(bits=8 if p == "mlp.down_proj" else 4, group_size=32,
+                                                          sym=True, desc_act=False)
+            for i in range(layers) for p in PROJ}
+    qdir = str(tmp_path / "gptq")
+    quantize_folder(src, qdir, mods, qconfig(bits=4, group_size=32, dynamic={"+:.*down_proj": {"bits": 8}}), seed=8)
+    img = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((56, 84, 3)) * 255).astype("uint8")).save(img)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = []
+    for mode in ("dequantize", "int"):
+        r = subprocess.run([sys.executable, os.path.join(root, "generate.py"), "--model_name", qdir, "--image",
+                            str(img), "--prompt", "What is this?", "--greedy", "--max_new_tokens", "8",
+                            "--quantized_weights", mode, "--json"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(json.loads(r.stdout))
+    assert outs[0]["answer"] == outs[1]["answer"] and outs[0]["thinking"] == outs[1]["thinking"]
+    assert outs[0]["new_tokens"] == outs[1]["new_tokens"] > 0
