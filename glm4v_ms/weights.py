@@ -80,11 +80,13 @@ def read_shapes(files: Dict[str, str]) -> Dict[str, Tuple[int, ...]]:
 
 
 def iter_tensors(files: Dict[str, str], names: List[str]) -> Iterator[Tuple[str, np.ndarray]]:
+    """(name, array) one tensor at a time, file by file. Each tensor is read with its own ``safe_open``: closing the
+    file unmaps its pages, so a 5 GB shard's pages are never all counted in the process's memory at once."""
     wanted = set(names)
     for path, keys in _group_by_file(files).items():
-        with safe_open(path, framework="numpy") as f:
-            for k in keys:
-                if k in wanted:
+        for k in keys:
+            if k in wanted:
+                with safe_open(path, framework="numpy") as f:
                     yield k, f.get_tensor(k)
 
 
