@@ -19,8 +19,10 @@ verifies nothing about Ascend.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
         fast_dtype, fused = ms.bfloat16, True
         ms.set_context(jit_config={"jit_level": "O0", "infer_boost": "on"})
     tmp = tempfile.mkdtemp(prefix="ascend-check-")
+    atexit.register(shutil.rmtree, tmp, True)  # the tiny model is only needed for this run
     folder = aligned_tiny(tmp)
     x = prompt()
     n = args.tokens

@@ -1,0 +1,463 @@
+"""Parity report for your own checkpoint: glm4v_ms against transformers, stage by stage, on the same inputs.
+
+    python tools/parity.py MODEL_DIR --image a.jpg [--image b.jpg ...] [--video clip.mp4] --prompt "..."
+        [--reference_dir HF_DIR] [--dtype float32|bfloat16] [--device CPU|Ascend] [--tokens 16]
+        [--layers every:4|all|0,5,39] [--json] [--max_rel_vision X] [--max_rel_hidden X] [--max_rel_logits X]
+        [--min_cosine X] [--token_margin X] [--mode graph|eager]
+
+Needs torch and the pinned transformers (``pip install -r requirements-dev.txt``). The messages are built exactly as
+generate.py builds them (media items, then the text) and processed once by glm4v_ms's numpy processor; the same
+arrays, as torch tensors, go to the reference. The reference is ``transformers.Glm4vForConditionalGeneration`` from
+``--reference_dir`` (default MODEL_DIR) in fp32 on CPU with eager attention, eval, no_grad; ours is
+``glm4v_ms.Glm4vForConditionalGeneration`` from MODEL_DIR in ``--dtype`` on ``--device``. A folder written by
+tools/convert.py or a GPTQ folder cannot be read by transformers: give the original Hugging Face folder as
+``--reference_dir``.
+
+Memory: the two models are never held at once (the 9B model takes ~41 GB in fp32). The reference runs first; only
+the numpy arrays of the compared stages, its greedy tokens and per-step logits are kept; the torch model is deleted
+and garbage-collected before ours is loaded. Peak memory is one model plus the prompt's activations and logits.
+
+Stages (each: relative error ||ours - ref|| / ||ref||, max abs error, cosine similarity of the flattened arrays):
+  vision.features  the merger output written into the <|image|> slots (images or video)
+  embeddings       token embeddings with the features in place (the decoder's input; HF hidden_states[0])
+  layer.K          decoder layer K's output, before the final norm, captured with hooks on the reference's layers
+                   (note: HF's own output_hidden_states[-1] is the *normed* last state; ours is not; hooks avoid it)
+  logits           the logits of every prompt position
+  tokens           the first --tokens greedy tokens of each side (no repetition penalty or other processors on
+                   either side; EOS may stop), decoded with the tokenizer, and the first index where they differ.
+                   A difference FAILS only if, at that step, the reference's logit margin between its token and
+                   ours exceeds the token-margin tolerance (default 2 x the max abs logits error on the prompt,
+                   or --token_margin); else it is reported as a near-tie and passes.
+
+Default thresholds (each overridable):
+  float32:  rel err <= 1e-4 for vision features, embeddings / hidden states and logits; cosine >= 0.99999.
+            (Measured on a tiny random model, tests/test_parity_tool.py: 1.3e-7 .. 1.3e-6 per stage; fp32
+            summation order alone gives ~1e-6.)
+  bfloat16: rel err <= 3e-2 vision features, <= 5e-2 embeddings / hidden states, <= 5e-2 logits; cosine >= 0.998.
+            (bf16 keeps 8 significant bits: one rounding is up to 2e-3 relative, and it accumulates over the blocks.
+            Emulated on the tiny model (2 ViT blocks, 3 decoder layers): vision 1.4e-2, embeddings 2.3e-3, layers
+            1.2e-2 .. 1.5e-2, logits 1.6e-2, cosine >= 0.99986. Not yet measured on the real 24-block ViT and
+            40-layer decoder, where more rounding steps accumulate: a real-model run that exceeds these bounds
+            with near-tie tokens needs calibration, not necessarily a fix.
+            The cosine floors are implied by the relative bounds: since ||a - b|| >= ||b|| sin(angle), rel err
+            <= r gives cosine >= sqrt(1 - r^2) (0.99875 for 5e-2, 1 - 5e-9 for 1e-4). So with the default bounds
+            the cosine check never fails before the relative one; it is a backstop when those are loosened, and
+            the cosine column tells a direction error (low cosine) from a scale error (high cosine, high rel).)
+--dtype bfloat16 on Ascend loads real bf16 parameters. On CPU (no bf16 matmul in MindSpore) bf16 is EMULATED: fp32
+parameters rounded to bf16, and the outputs of linear layers, norms, attention, swiglu and rotary rounded to bf16
+(glm4v_ms.ops.set_bf16_emulation); it approximates a real bf16 run. The reference is always fp32.
+
+--layers: ``every:K`` = layers 0, K, 2K, ... and the last one (default every:4); ``all``; or indices ``0,5,39``
+(negative indices count from the end).
+
+Exit status: 0 everything passes; 1 a stage or the token check fails (named on stdout / in the JSON); 2 usage or
+set-up errors (missing folder or media, torch missing, bad --layers, a converted folder without --reference_dir),
+reported as one ``error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+THRESHOLDS = {
+    "float32": {"vision": 1e-4, "hidden": 1e-4, "logits": 1e-4, "cosine": 0.99999},
+    "bfloat16": {"vision": 3e-2, "hidden": 5e-2, "logits": 5e-2, "cosine": 0.998},
+}
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+              "video_grid_thw")
+
+
+class UsageError(Exception):
+    """A usage or set-up problem: one ``error:`` line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_args(argv=None):
+    ap = _Parser(prog="tools/parity.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", metavar="MODEL_DIR", help="the checkpoint folder glm4v_ms loads")
+    ap.add_argument("--image", action="append", default=[], help="image path / URL (repeatable)")
+    ap.add_argument("--video", help="video path / URL")
+    ap.add_argument("--prompt", required=True, help="the user message")
+    ap.add_argument("--reference_dir", help="the original Hugging Face folder transformers loads (default MODEL_DIR)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="our dtype (the reference is always fp32); bfloat16 is emulated on CPU")
+    ap.add_argument("--device", default="CPU", choices=["CPU", "Ascend"], help="our device (the reference: CPU)")
+    ap.add_argument("--tokens", type=int, default=16, help="greedy tokens compared (0: none; default 16)")
+    ap.add_argument("--layers", default="every:4", help="decoder layers compared: every:K (default every:4, plus "
+                                                        "the last), all, or indices like 0,5,39")
+    ap.add_argument("--mode", default="graph", choices=["graph", "eager"], help="our generate mode (default graph)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--max_rel_vision", type=float, help="max relative error of the vision features "
+                                                         "(default 1e-4 fp32, 3e-2 bf16)")
+    ap.add_argument("--max_rel_hidden", type=float, help="max relative error of the embeddings and hidden states "
+                                                         "(default 1e-4 fp32, 5e-2 bf16)")
+    ap.add_argument("--max_rel_logits", type=float, help="max relative error of the prompt logits "
+                                                         "(default 1e-4 fp32, 5e-2 bf16)")
+    ap.add_argument("--min_cosine", type=float, help="min cosine similarity of every stage "
+                                                     "(default 0.99999 fp32, 0.998 bf16)")
+    ap.add_argument("--token_margin", type=float, help="a differing greedy token fails when the reference prefers "
+                                                       "its own token by more than this logit margin (default: 2 x "
+                                                       "the max abs logits error on the prompt)")
+    args = ap.parse_args(argv)
+    if args.tokens < 0:
+        raise UsageError("--tokens must be >= 0")
+    return args
+
+
+def parse_layers(spec: str, n_layers: int) -> List[int]:
+    """``every:K`` -> 0, K, 2K, ... and the last layer; ``all``; ``0,5,39`` (negatives count from the end)."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return list(range(n_layers))
+    if spec.startswith("every:"):
+        try:
+            k = int(spec[6:])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise UsageError(f"--layers {spec!r}: every:K needs a positive integer K")
+        return sorted(set(range(0, n_layers, k)) | {n_layers - 1})
+    out = set()
+    for part in spec.split(","):
+        try:
+            i = int(part)
+        except ValueError:
+            raise UsageError(f"--layers {spec!r}: expected every:K, all, or comma-separated layer indices") from None
+        if not -n_layers <= i < n_layers:
+            raise UsageError(f"--layers: layer {i} is out of range; the model has {n_layers} decoder layers "
+                             f"(0..{n_layers - 1})")
+        out.add(i % n_layers)
+    return sorted(out)
+
+
+def messages(prompt: str, images: Sequence[str], video: Optional[str]) -> List[Dict]:
+    """generate.py's messages (glm4v_ms.pipeline.Glm4vPipeline.messages): media items, then the text."""
+    from glm4v_ms.pipeline import Glm4vPipeline
+
+    return Glm4vPipeline.messages(prompt, images=images, video=video)
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+def compare(ours: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
+    a = np.asarray(ours, np.float64).reshape(-1)
+    b = np.asarray(ref, np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"shape {np.shape(ours)} != reference {np.shape(ref)}")
+    nb, na = np.linalg.norm(b), np.linalg.norm(a)
+    diff = a - b
+    return {"rel_err": float(np.linalg.norm(diff) / max(nb, 1e-30)),
+            "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
+            "cosine": float(np.dot(a, b) / max(na * nb, 1e-300))}
+
+
+# ----------------------------------------------------------------------------------------------------- reference
+def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], tokens: int, eos: List[int],
+                  pad: int) -> Dict:
+    """The transformers model in fp32 on CPU: the compared stages as numpy, then greedy tokens and their raw logits.
+    The torch model lives only inside this function."""
+    import torch
+    import transformers
+
+    model = transformers.Glm4vForConditionalGeneration.from_pretrained(
+        ref_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    vis, lm = model.model.visual, model.model.language_model
+    st: Dict = {"layers": {}}
+    want = set(layers)
+
+    def layer_hook(i):
+        def hook(module, args, output):
+            if i in want:
+                out = output[0] if isinstance(output, tuple) else output
+                st["layers"][i] = out.detach().float().numpy().copy()
+        return hook
+
+    hooks = [vis.merger.register_forward_hook(lambda m, i, o: st.__setitem__("features", o.detach().numpy().copy())),
+             lm.layers[0].register_forward_pre_hook(
+                 lambda m, a, k: st.__setitem__("embeddings", (a[0] if a else k["hidden_states"]).detach().numpy()
+                                                .copy()), with_kwargs=True)]
+    hooks += [layer.register_forward_hook(layer_hook(i)) for i, layer in enumerate(lm.layers)]
+    t_in = {k: torch.tensor(v) for k, v in inputs.items() if v is not None}
+    try:
+        with torch.no_grad():
+            st["logits"] = model(**t_in, use_cache=False).logits.float().numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    st["new_tokens"], st["step_logits"] = [], []
+    if tokens:
+        gc_ = transformers.GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens,
+                                            eos_token_id=list(eos) or None, pad_token_id=pad,
+                                            output_logits=True, return_dict_in_generate=True)
+        with torch.no_grad():  # use_model_defaults=False: the checkpoint's penalty / top-k do not creep back in
+            out = model.generate(**t_in, generation_config=gc_, use_model_defaults=False)
+        s = inputs["input_ids"].shape[1]
+        st["new_tokens"] = out.sequences[0, s:].tolist()
+        st["step_logits"] = [x[0].float().numpy().copy() for x in out.logits]
+        del out
+    del model, t_in
+    gc.collect()
+    return st
+
+
+# ----------------------------------------------------------------------------------------------------- ours
+def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], tokens: int, eos: List[int],
+             pad: int, dtype: str, device: str, mode: str) -> Dict:
+    import mindspore as ms
+    import glm4v_ms
+    from glm4v_ms import Glm4vForConditionalGeneration, ops
+
+    target = ops.device_target()
+    emulate = dtype == "bfloat16" and target == "CPU"
+    load_dtype = ms.bfloat16 if dtype == "bfloat16" and not emulate else ms.float32
+    model = Glm4vForConditionalGeneration.from_pretrained(model_dir, dtype=load_dtype)
+    if emulate:
+        model.round_parameters(ms.bfloat16)
+        glm4v_ms.ops.set_bf16_emulation(True)
+
+    def f32(t):
+        if isinstance(t, ms.Tensor):
+            return (t if t.dtype == ms.float32 else t.astype(ms.float32)).asnumpy()
+        return np.asarray(t, np.float32)
+
+    st: Dict = {}
+    try:
+        has_media = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
+        out = model(**inputs, output_hidden_states=True, output_vision_stages=has_media)
+        if has_media:
+            st["features"] = f32(out.vision_stages["merger"])
+        st["embeddings"] = f32(out.hidden_states[0])
+        st["layers"] = {i: f32(out.hidden_states[i + 1]) for i in layers}  # [0] is the embeddings
+        st["logits"] = f32(out.logits)
+        del out
+        st["new_tokens"] = []
+        if tokens:
+            seq = model.generate(**inputs, do_sample=False, repetition_penalty=1.0, max_new_tokens=tokens,
+                                 eos_token_id=list(eos), pad_token_id=pad, mode=mode)
+            st["new_tokens"] = seq[0, inputs["input_ids"].shape[1]:].tolist()
+    finally:
+        glm4v_ms.ops.set_bf16_emulation(False)
+    st["emulated"] = emulate
+    return st
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def token_check(ours: List[int], ref: List[int], step_logits: List[np.ndarray], tolerance: float) -> Dict:
+    n = min(len(ours), len(ref))
+    first = next((i for i in range(n) if ours[i] != ref[i]), None)
+    if first is None and len(ours) != len(ref):
+        first = n  # one side stopped (EOS) where the other did not: only possible with different EOS sets
+    res = {"ours": ours, "reference": ref, "first_divergence": first, "margin": None,
+           "margin_tolerance": tolerance, "near_tie": False, "pass": True}
+    if first is None:
+        return res
+    if first < len(ours) and first < len(ref) and first < len(step_logits):
+        lg = step_logits[first]
+        margin = float(lg[ref[first]] - lg[ours[first]])
+        res["margin"] = margin
+        res["near_tie"] = margin <= tolerance
+        res["pass"] = res["near_tie"]
+    else:
+        res["pass"] = False
+    return res
+
+
+def build_report(ref: Dict, ours: Dict, layers: List[int], th: Dict, token_margin: Optional[float]) -> Dict:
+    stages = []
+
+    def add(name, kind, a, b):
+        m = compare(a, b)
+        ok = m["rel_err"] <= th[kind] and m["cosine"] >= th["cosine"] and math.isfinite(m["rel_err"])
+        stages.append(dict(stage=name, **m, max_rel=th[kind], min_cosine=th["cosine"], passed=bool(ok)))
+
+    if "features" in ours:
+        add("vision.features", "vision", ours["features"], ref["features"])
+    add("embeddings", "hidden", ours["embeddings"], ref["embeddings"])
+    for i in layers:
+        add(f"layer.{i}", "hidden", ours["layers"][i], ref["layers"][i])
+    add("logits", "logits", ours["logits"], ref["logits"])
+    logits_max = stages[-1]["max_abs"]
+    tol = token_margin if token_margin is not None else 2.0 * logits_max
+    tok = token_check(ours["new_tokens"], ref["new_tokens"], ref["step_logits"], tol)
+    failed = [s["stage"] for s in stages if not s["passed"]]
+    if not tok["pass"]:
+        failed.append("tokens")
+    return {"stages": stages, "tokens": tok, "failed": failed, "verdict": "FAIL" if failed else "PASS"}
+
+
+def print_table(rep: Dict, header: List[str]) -> None:
+    for line in header:
+        print(line)
+    print()
+    cols = f"{'stage':<18} {'rel err':>9} {'max abs':>9} {'cosine':>12}   {'threshold':<27} result"
+    print(cols)
+    print("-" * len(cols))
+    for s in rep["stages"]:
+        thr = f"rel<={s['max_rel']:.0e} cos>={s['min_cosine']:g}"
+        print(f"{s['stage']:<18} {s['rel_err']:>9.2e} {s['max_abs']:>9.2e} {s['cosine']:>12.8f}   {thr:<27} "
+              f"{'PASS' if s['passed'] else 'FAIL'}")
+    t = rep["tokens"]
+    print()
+    n = max(len(t["ours"]), len(t["reference"]))
+    if t["first_divergence"] is None:
+        print(f"greedy tokens: identical ({n} tokens)                      PASS")
+    else:
+        i = t["first_divergence"]
+        if t["margin"] is None:
+            why = "one side stopped early"
+        else:
+            why = (f"reference margin {t['margin']:.3e} {'<=' if t['near_tie'] else '>'} tolerance "
+                   f"{t['margin_tolerance']:.3e}: {'near-tie' if t['near_tie'] else 'real divergence'}")
+        print(f"greedy tokens: first divergence at token {i} ({why})   {'PASS' if t['pass'] else 'FAIL'}")
+    print(f"  ours:      {t['ours']}")
+    print(f"             {t.get('ours_text', '')!r}")
+    print(f"  reference: {t['reference']}")
+    print(f"             {t.get('reference_text', '')!r}")
+    print()
+    if rep["failed"]:
+        print(f"verdict: FAIL ({', '.join(rep['failed'])})")
+    else:
+        print("verdict: PASS")
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("GLOG_v", "3")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _progress(msg: str) -> None:
+    print(f"[parity] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(args) -> int:
+    from glm4v_ms.config import Glm4vConfig
+    from glm4v_ms.media import MediaError, MissingDependencyError
+    from glm4v_ms.processing import PromptError
+    from glm4v_ms.weights import CheckpointError
+
+    setup_errors = (OSError, ValueError, MediaError, PromptError, CheckpointError, MissingDependencyError, KeyError)
+    model_dir = args.model_dir
+    ref_dir = args.reference_dir or model_dir
+    for name, d in (("MODEL_DIR", model_dir), ("--reference_dir", ref_dir)):
+        if not os.path.isdir(d):
+            raise UsageError(f"{name} {d}: folder not found")
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            raise UsageError(f"{name} {d}: no config.json (not a model folder)")
+    try:
+        config = Glm4vConfig.from_pretrained(model_dir)
+    except setup_errors as e:
+        raise UsageError(f"MODEL_DIR: {_first_line(e)}") from None
+    if args.reference_dir is None and (config.converted or config.quantization is not None):
+        kind = "written by tools/convert.py" if config.converted else "a quantised (GPTQ) checkpoint"
+        raise UsageError(f"{model_dir} is {kind}; transformers cannot load it as the fp32 reference: pass the "
+                         "original Hugging Face folder as --reference_dir")
+    n_layers = config.text.num_hidden_layers
+    layers = parse_layers(args.layers, n_layers)
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        from transformers import Glm4vForConditionalGeneration  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"the reference needs torch and transformers ({_first_line(e)}); install them with "
+                         "pip install -r requirements-dev.txt") from None
+    import glm4v_ms
+    from glm4v_ms.generation import GenerationConfig
+    from glm4v_ms.processing import Glm4vProcessor
+
+    try:
+        glm4v_ms.set_device(args.device)
+    except ValueError as e:
+        raise UsageError(_first_line(e)) from None
+    th = dict(THRESHOLDS[args.dtype])
+    for key, opt in (("vision", args.max_rel_vision), ("hidden", args.max_rel_hidden),
+                     ("logits", args.max_rel_logits), ("cosine", args.min_cosine)):
+        if opt is not None:
+            th[key] = opt
+    try:
+        processor = Glm4vProcessor.from_pretrained(model_dir)
+        inputs = processor.apply_chat_template(messages(args.prompt, args.image, args.video),
+                                               add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="np")
+        inputs = {k: np.asarray(inputs[k]) for k in MODEL_KEYS if inputs.get(k) is not None}
+        gen = GenerationConfig.from_pretrained(model_dir, text_config=config.text)
+    except setup_errors as e:
+        raise UsageError(_first_line(e)) from None
+    eos = [int(e) for e in (gen.eos_token_id or [])]
+    pad = int(gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0))
+    emulated = args.dtype == "bfloat16" and glm4v_ms.ops.device_target() == "CPU"
+    if emulated:
+        print("note: bfloat16 is EMULATED on CPU (fp32 compute; parameters and op outputs rounded to bf16); "
+              "run on Ascend for real bf16", file=sys.stderr if args.json else sys.stdout)
+
+    t0 = time.perf_counter()
+    _progress(f"reference (transformers, fp32, CPU): {ref_dir}")
+    try:
+        ref = run_reference(ref_dir, inputs, layers, args.tokens, eos, pad)
+    except (OSError, CheckpointError) as e:
+        raise UsageError(f"reference: {_first_line(e)}") from None
+    gc.collect()
+    t_ref = time.perf_counter() - t0
+    _progress(f"ours (glm4v_ms, {args.dtype}, {args.device}): {model_dir}")
+    try:
+        ours = run_ours(model_dir, inputs, layers, args.tokens, eos, pad, args.dtype, args.device, args.mode)
+    except (OSError, CheckpointError) as e:
+        raise UsageError(f"ours: {_first_line(e)}") from None
+    t_ours = time.perf_counter() - t0 - t_ref
+
+    rep = build_report(ref, ours, layers, th, args.token_margin)
+    tok = rep["tokens"]
+    dec = processor.tokenizer.decode
+    tok["ours_text"] = dec(tok["ours"], skip_special_tokens=False)
+    tok["reference_text"] = dec(tok["reference"], skip_special_tokens=False)
+    n_img = 0 if inputs.get("image_grid_thw") is None else len(inputs["image_grid_thw"])
+    meta = {"dtype": args.dtype, "device": args.device, "emulated": bool(ours["emulated"]), "mode": args.mode,
+            "model_dir": model_dir, "reference_dir": ref_dir, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "images": n_img, "video": inputs.get("video_grid_thw") is not None, "layers": layers,
+            "thresholds": th, "seconds": {"reference": round(t_ref, 2), "ours": round(t_ours, 2)}}
+    if args.json:
+        print(json.dumps(dict(meta, **rep)))
+    else:
+        header = [f"glm4v_ms ({args.dtype}{', emulated' if meta['emulated'] else ''}, {args.device}, {args.mode}) vs "
+                  f"transformers {transformers.__version__} (fp32, CPU, eager attention)",
+                  f"prompt: {meta['prompt_tokens']} tokens, {n_img} image(s){', a video' if meta['video'] else ''}; "
+                  f"{len(layers)} of {n_layers} decoder layers compared; reference {t_ref:.1f} s, ours {t_ours:.1f} s"]
+        print_table(rep, header)
+    return 1 if rep["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
