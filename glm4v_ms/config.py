@@ -109,6 +109,9 @@ class TextConfig:
     pad_token_id: Optional[int] = None
     eos_token_id: Optional[List[int]] = None
     tie_word_embeddings: bool = False
+    # Not a config.json field: > 1 for a tensor-parallel rank's local config (parallel.py), whose head counts and
+    # intermediate size are already divided by it; the decoder then all-reduces its row-parallel outputs.
+    tp_size: int = 1
 
     @property
     def rotary_dim(self) -> int:
@@ -117,6 +120,7 @@ class TextConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TextConfig":
         d = dict(d)
+        d.pop("tp_size", None)  # set by parallel.py only, never read from a file
         # rope: 4.x -> rope_scaling {type|rope_type, mrope_section} + top-level rope_theta / partial_rotary_factor;
         #       5.x -> rope_parameters {rope_type, rope_theta, partial_rotary_factor, mrope_section}.
         for key in ("rope_parameters", "rope_scaling"):

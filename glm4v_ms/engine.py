@@ -33,6 +33,7 @@ from mindspore import Tensor, mint, nn, ops as msops
 
 from . import ops
 from .cache import KVCache, mask_fill, write_index
+from .parallel import request_seed
 from .sampling import device_next_tokens
 
 _SCATTER = msops.ScatterNdUpdate()
@@ -171,7 +172,8 @@ class GraphSession:
         self.knobs = (Tensor(float(gen.temperature), ms.float32), Tensor(float(gen.top_p), ms.float32),
                       Tensor(float(gen.repetition_penalty), ms.float32))
         self.n_uniform = 1 if self.greedy else (top_k or vocab)
-        self.rng = np.random.default_rng(gen.seed)
+        # under tensor parallelism an unseeded sampled request gets a seed shared by the TP group (parallel.py)
+        self.rng = np.random.default_rng(request_seed(self.model, gen.seed, gen.do_sample))
         self._dummy = Tensor(np.full((batch, 1), 0.5, np.float32))
         self.batch, self.vocab = batch, vocab
         self.seen: Optional[Tensor] = None

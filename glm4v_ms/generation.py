@@ -17,6 +17,7 @@ import numpy as np
 
 from . import sampling
 from .cache import KVCache
+from .parallel import request_seed
 
 # The official GLM-V inference recipe (near-greedy, repetition penalty 1.1, 8192 new tokens).
 OFFICIAL_SAMPLING = dict(do_sample=True, top_k=2, top_p=1e-5, temperature=1.0, repetition_penalty=1.1)
@@ -107,7 +108,8 @@ class EagerSession:
 
     def __init__(self, model, gen: GenerationConfig, batch: int):
         self.model, self.gen = model, gen
-        self.rng = np.random.default_rng(gen.seed)
+        # under tensor parallelism an unseeded sampled request gets a seed shared by the TP group (parallel.py)
+        self.rng = np.random.default_rng(request_seed(model, gen.seed, gen.do_sample))
         self.seen: Optional[np.ndarray] = None
         self.last_logits: Optional[np.ndarray] = None
 

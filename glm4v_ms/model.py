@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -67,11 +68,12 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self._inv_freq = Tensor(inv_freq(t.rotary_dim, t.rope_theta))
         self._axis_of_freq = Tensor(mrope_axis_of_frequency(t.mrope_section))
         self.generation_config = None  # set by from_pretrained from generation_config.json
+        self.tensor_parallel = None  # parallel.TPContext of a tensor-parallel rank's model (from_pretrained)
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=ms.float32,
-                        quantized_weights: str = "auto") -> "Glm4vForConditionalGeneration":
+    def from_pretrained(cls, folder: str, dtype=ms.float32, quantized_weights: str = "auto",
+                        tensor_parallel=None) -> "Glm4vForConditionalGeneration":
         """Load a GLM-4.1V folder: as saved by Hugging Face (config.json + model.safetensors or a sharded index), as
         written by tools/convert.py (its config.json carries the layout marker and the tensors are already in our
         layout), or a GPTQ checkpoint (``quantization_config``; int4 / int8 / mixed, see quant.py). Float tensors are
@@ -80,29 +82,46 @@ class Glm4vForConditionalGeneration(nn.Cell):
         ``quantized_weights`` (GPTQ only): ``"dequantize"`` turns every quantised layer into a float layer of
         ``dtype`` at load time (exact: (q - zero) * scale in fp32, then cast); ``"int"`` keeps the integer weights
         (quant.QuantLinear: Ascend's weight-quant matmul, or per-call dequantisation elsewhere, which saves memory
-        but not time); ``"auto"``: ``"int"`` when the fused Ascend kernels are on, else ``"dequantize"``."""
+        but not time); ``"auto"``: ``"int"`` when the fused Ascend kernels are on, else ``"dequantize"``.
+
+        ``tensor_parallel`` (a parallel.TPContext with tp_size > 1; see parallel.load_tp_model): build and load only
+        this rank's part of the decoder (its block of heads and of the MLP's inner width); everything else is
+        replicated. GPTQ checkpoints are then dequantised ("auto" means "dequantize"; "int" is refused)."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"model folder not found: {folder}")
         if quantized_weights not in ("auto", "dequantize", "int"):
             raise ValueError(f"quantized_weights must be 'auto', 'dequantize' or 'int', got {quantized_weights!r}")
         config = Glm4vConfig.from_pretrained(folder)
+        split = None
+        if tensor_parallel is not None and tensor_parallel.tp_size > 1:
+            from .parallel import TPSplit
+
+            split = TPSplit(config.text, tensor_parallel.tp_rank, tensor_parallel.tp_size)
+            if quantized_weights == "int" and config.quantization is not None:
+                from .quant import QuantConfigError
+
+                raise QuantConfigError("GPTQ integer weights (quantized_weights='int') are not supported with tensor "
+                                       "parallelism; load with quantized_weights='dequantize'")
+            config = dataclasses.replace(config, text=split.local)
         model = cls(config, dtype)
+        model.tensor_parallel = tensor_parallel
         ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        keep_int = quantized_weights == "int" or (quantized_weights == "auto" and ops.fused())
-        quantized, zero_offset = model._plan_quantized(folder, keep_int)
+        keep_int = split is None and (quantized_weights == "int" or (quantized_weights == "auto" and ops.fused()))
+        quantized, zero_offset = model._plan_quantized(folder, keep_int, split)
         # A converted folder already stores the decoder's q/k rows in the half rotary layout: never permute twice.
         load_weights(model, folder, ignore=ignore, transform=None if config.converted else model.checkpoint_transform,
-                     quantized=quantized, zero_offset=zero_offset)
+                     quantized=quantized, zero_offset=zero_offset, split=split)
         from .generation import GenerationConfig
 
         # Static defaults of the checkpoint (like HF's model.generation_config); not per-request state.
         model.generation_config = GenerationConfig.from_pretrained(folder, text_config=config.text)
         return model
 
-    def _plan_quantized(self, folder: str, keep_int: bool):
+    def _plan_quantized(self, folder: str, keep_int: bool, split=None):
         """GPTQ modules of the checkpoint in ``folder`` -> {name: (spec, keep_int, out, in)} and the zero offset;
-        with ``keep_int`` their Linear cells are replaced by quant.QuantLinear. Nothing for a float checkpoint."""
+        with ``keep_int`` their Linear cells are replaced by quant.QuantLinear. Nothing for a float checkpoint.
+        ``split`` (tensor parallelism): out/in are the full (checkpoint) sizes, not the rank's."""
         from . import quant
         from .weights import CheckpointError, checkpoint_files
 
@@ -125,7 +144,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
                 raise CheckpointError(f"quantised tensor {name}.qweight does not belong to a linear layer of this "
                                       "model; the checkpoint is not a GLM-4.1V GPTQ checkpoint")
             spec = cfg.for_module(name)
-            plan[name] = (spec, keep_int, cell.out_features, cell.in_features)
+            n, k = cell.out_features, cell.in_features
+            if split is not None:
+                n, k = split.full_shape(f"{name}.weight", (n, k))
+            plan[name] = (spec, keep_int, n, k)
             if keep_int and spec is not None and ops.fused() and spec.group_size != -1 and spec.group_size % 32:
                 raise quant.QuantConfigError(
                     f"module {name}: group_size {spec.group_size} is not a multiple of 32, which Ascend's weight-quant "

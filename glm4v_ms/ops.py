@@ -20,6 +20,7 @@ Substitutes for ops MindSpore lacks on CPU, and their measured error against tor
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
@@ -78,8 +79,9 @@ def set_fused(on: bool, any_dtype: bool = False) -> None:
     _FUSED["on"], _FUSED["any_dtype"] = bool(on), bool(any_dtype)
 
 
-def set_device(target: str = "CPU", device_id: int = 0) -> str:
-    """Select the MindSpore backend once per process. ``target`` is ``"CPU"`` or ``"Ascend"``.
+def set_device(target: str = "CPU", device_id: Optional[int] = None) -> str:
+    """Select the MindSpore backend once per process. ``target`` is ``"CPU"`` or ``"Ascend"``; ``device_id``
+    (Ascend) defaults to ``$DEVICE_ID`` (msrun exports each worker's local rank there), else 0.
 
     On CPU, PyNative runs synchronously: asynchronous launches on 2 cores are ~10x slower and report errors at
     the wrong op (measured: 1.0 s vs 80 ms for a 32-layer tiny stack).
@@ -90,7 +92,10 @@ def set_device(target: str = "CPU", device_id: int = 0) -> str:
     if _DEVICE["target"] == target:
         return target
     try:
-        ms.set_device(target, device_id) if target == "Ascend" else ms.set_device(target)
+        if target == "Ascend":
+            ms.set_device(target, int(os.environ.get("DEVICE_ID", 0)) if device_id is None else device_id)
+        else:
+            ms.set_device(target)
     except RuntimeError as e:  # e.g. a CPU-only MindSpore wheel asked for Ascend
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"device {target} is not available: {first.split('. ')[0]}; install the Ascend build of "
@@ -123,6 +128,26 @@ def to_numpy(x) -> Optional[np.ndarray]:
     if isinstance(x, Tensor):
         return x.asnumpy()
     return np.asarray(x)
+
+
+# Tensor parallelism (parallel.py): the sum over this process's tensor-parallel group, set once per process by
+# parallel.init_tensor_parallel. Only a model built from a rank's local config (TextConfig.tp_size > 1) calls it.
+_TP = {"size": 1, "group": None, "op": None}
+
+
+def set_tensor_parallel(size: int, group: Optional[str] = None) -> None:
+    """Use an AllReduce(sum) over ``group`` (a MindSpore communication group of ``size`` ranks) in tp_all_reduce."""
+    _TP["size"], _TP["group"] = int(size), group
+    _TP["op"] = ops.AllReduce(ops.ReduceOp.SUM, group) if size > 1 else None
+
+
+def tp_all_reduce(x: Tensor) -> Tensor:
+    """Sum the partial outputs of a row-parallel projection (o_proj, down_proj) over the tensor-parallel group: one
+    AllReduce, traced into the graph inside ``mindspore.jit``. Every rank gets the same sum."""
+    if _TP["op"] is None:
+        raise RuntimeError("this decoder was split for tensor parallelism but the process has no tensor-parallel "
+                           "group: load it with glm4v_ms.parallel.load_tp_model under msrun")
+    return _r(_TP["op"](x))
 
 
 _MATMUL_TB = ops.MatMul(transpose_b=True)

@@ -2,6 +2,8 @@
 
 Module attribute paths equal the checkpoint keys below ``model.language_model.``. The model holds no per-request
 state: positions (as cos/sin), the attention mask and the KV cache tensors are passed in by the caller.
+Built from a tensor-parallel rank's local config (parallel.py) the same cells hold the rank's heads and inner width
+and all-reduce the outputs of o_proj and down_proj.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class TextAttention(nn.Cell):
         self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, True, dtype)
         self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, True, dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, False, dtype)
+        self.tp = cfg.tp_size > 1  # a tensor-parallel rank's block of heads: o_proj gives a partial sum
 
     def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None, kv_len: int = 0,
                   causal_only: bool = False):
@@ -44,7 +47,8 @@ class TextAttention(nn.Cell):
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if k_cache is not None:  # store post-rotary keys at ``index``; attend over the first kv_len positions
             k, v = ops.cache_write(k_cache, v_cache, index, k, v, kv_len)
-        return self.o_proj(ops.attention(q, k, v, mask, self.scale, causal_only))
+        out = self.o_proj(ops.attention(q, k, v, mask, self.scale, causal_only))
+        return ops.tp_all_reduce(out) if self.tp else out
 
 
 class TextMLP(nn.Cell):
@@ -53,9 +57,11 @@ class TextMLP(nn.Cell):
         # One fused projection: output rows [0, inner) are the gate, [inner, 2*inner) the up projection.
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
+        self.tp = cfg.tp_size > 1  # a tensor-parallel rank's slice of the inner width: down_proj gives a partial sum
 
     def construct(self, x):
-        return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
+        out = self.down_proj(ops.swiglu(self.gate_up_proj(x)))
+        return ops.tp_all_reduce(out) if self.tp else out
 
 
 class DecoderLayer(nn.Cell):

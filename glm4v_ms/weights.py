@@ -126,7 +126,7 @@ def _cast(name: str, arr: np.ndarray, target) -> np.ndarray:
 
 def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
                  transform: Optional[Callable[[str, np.ndarray], np.ndarray]] = None,
-                 quantized: Optional[Dict[str, tuple]] = None, zero_offset: int = 1) -> None:
+                 quantized: Optional[Dict[str, tuple]] = None, zero_offset: int = 1, split=None) -> None:
     """Set every parameter of ``model`` from the checkpoint in ``folder`` (strict).
 
     ``ignore``: checkpoint keys that may be present and are not used (e.g. ``lm_head.weight`` of a tied model);
@@ -135,7 +135,10 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
     ``quantized``: GPTQ modules, name -> (quant.GPTQSpec, keep_int, out_features, in_features). Their ``qweight/qzeros/scales/g_idx`` are read
     together, one module at a time, and either dequantised into the module's float ``weight`` or (keep_int, the
     module is a quant.QuantLinear) turned into its integer weight, scale, offset and act-order permutation.
-    ``zero_offset``: added to stored GPTQ zeros (1 for the v1 format)."""
+    ``zero_offset``: added to stored GPTQ zeros (1 for the v1 format).
+    ``split`` (tensor parallelism, parallel.TPSplit): the model holds one rank's part of some tensors; names and
+    shapes are checked against the full model (``split.full_shape``) and each full tensor, after ``transform``, is
+    cut to the rank's part (``split.take``)."""
     from . import quant
 
     quantized = quantized or {}
@@ -146,6 +149,11 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
     # quantisation spec (quant.check_module) and int-kept modules' integer parameters are filled below.
     virtual = {k: v for k, v in shapes.items() if not any(k == f"{m}.{q}" for m in quantized for q in quant.QUANT_KEYS)}
     expected = {k: tuple(p.shape) for k, p in params.items()}
+    if split is not None:
+        if any(keep_int for _, keep_int, _, _ in quantized.values()):
+            raise CheckpointError("GPTQ integer weights cannot be split for tensor parallelism; load with "
+                                  "quantized_weights='dequantize'")
+        expected = {k: tuple(split.full_shape(k, s)) for k, s in expected.items()}
     for m, (spec, keep_int, n, k) in quantized.items():
         quant.check_module(m, spec, shapes, n, k)
         if keep_int:  # QuantLinear's integer weight, scale, offset (and act_perm) are derived, not read
@@ -163,6 +171,8 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
         arr = _cast(name, arr, target)
         if transform is not None:
             arr = transform(name, arr)
+        if split is not None:
+            arr = split.take(name, arr)
         p.set_data(Tensor(np.ascontiguousarray(arr)))
 
     plain = [k for k in expected if k in shapes]
