@@ -92,7 +92,9 @@ class Glm4vPipeline:
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: str = "float32", device: str = "CPU",
-                        mode: str = "graph", quantized_weights: str = "auto") -> "Glm4vPipeline":
+                        mode: str = "graph", quantized_weights: str = "auto",
+                        tensor_parallel=None) -> "Glm4vPipeline":
+        """``tensor_parallel``: a parallel.TPContext (under msrun) to load this rank's part of the decoder."""
         from . import ops
         from .model import Glm4vForConditionalGeneration
         from .processing import Glm4vProcessor
@@ -102,7 +104,9 @@ class Glm4vPipeline:
             raise ValueError("bfloat16 compute needs an Ascend device (MindSpore has no bf16 matmul on CPU); "
                              "use --dtype float32 on CPU")
         folder = resolve_model(name)
-        model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=dtype, quantized_weights=quantized_weights)
+        model = Glm4vForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, quantized_weights=quantized_weights,
+            tensor_parallel=tensor_parallel if tensor_parallel is not None and tensor_parallel.enabled else None)
         processor = Glm4vProcessor.from_pretrained(folder)
         return cls(model, processor, model.generation_config, folder, mode)
 
