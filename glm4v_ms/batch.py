@@ -61,7 +61,7 @@ def id_key(value) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed layout (the hook for tensor parallelism)
+# Distributed layout (data parallel shards; tensor-parallel groups share one)
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -86,8 +86,8 @@ class Layout:
 def make_layout(rank: int, world: int, local_rank: int = 0, launcher: str = "single", tp: int = 1,
                 barrier: Optional[Callable[[], None]] = None) -> Layout:
     """The data-parallel view of a process. With tensor parallelism over ``tp`` consecutive ranks, the ranks of a
-    group share one shard (``dp_rank = rank // tp``) and only the group's first rank writes; ``tp`` is 1 until the
-    model can be split, and every rank is then a writer of its own shard."""
+    group share one shard (``dp_rank = rank // tp``) and only the group's first rank writes (batch_infer --tp); with
+    ``tp`` 1 every rank is the writer of its own shard."""
     if world < 1 or not 0 <= rank < world:
         raise JobError(f"rank {rank} is outside a world of {world} process(es)")
     if tp < 1 or world % tp:

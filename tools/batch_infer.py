@@ -42,6 +42,11 @@ the input and the output's folder must be on a filesystem that every machine see
 Other launchers (one process per card started by a scheduler, e.g. an array job): pass --rank R --world_size N to
 each (the card: $DEVICE_ID, default 0). Such processes do not talk to each other: the last one to finish merges.
 
+TENSOR PARALLELISM (--tp N, under msrun): N consecutive ranks split the decoder (glm4v_ms/parallel.py) and work
+on one shard together; only the first rank of each group writes. --worker_num must be a multiple of N; N must
+divide the model's query heads, KV heads and MLP width (GLM-4.1V-9B: --tp 2). E.g. 8 cards as 4 groups of 2:
+  msrun --worker_num=8 --local_worker_num=8 ... tools/batch_infer.py --tp 2 --device Ascend --dtype bfloat16 ...
+
 HOW IT WORKS: every process reads the input and every part file, so all agree on what is done; process r of N
 then takes the pending requests whose line number % N == r and appends one line per finished request to
 <output>.parts/rank-<r>.jsonl (flushed at once, fsync'ed every --fsync_interval seconds and at exit). Under msrun,
