@@ -629,32 +629,12 @@ def collate(inputs: Sequence[Dict]) -> Dict:
 
 
 def pieces_from_tokens(tokenizer, tokens: Sequence[int], think, markers: set, eos: set, kind: str):
-    """(thinking, answer_text) of one row's generated tokens, exactly as ``generation.stream_generate`` yields them:
-    <think>/</think> switch the part, <answer>/</answer> and EOS are dropped, EOS ends the text."""
-    from .generation import _IncrementalDecoder
+    """(thinking, answer_text) of one row's generated tokens, exactly as ``generation.stream_generate`` yields them."""
+    from .generation import text_pieces
 
     parts = {"thinking": [], "answer": []}
-    dec = _IncrementalDecoder(tokenizer)
-    for tok in tokens:
-        tok = int(tok)
-        is_marker = think is not None and tok in (think.think, think.end_think)
-        if is_marker or tok in markers or tok in eos:
-            rest = dec.flush()
-            if rest:
-                parts[kind].append(rest)
-            if think is not None and tok == think.think:
-                kind = "thinking"
-            elif think is not None and tok == think.end_think:
-                kind = "answer"
-            if tok in eos:
-                break
-            continue
-        piece = dec.push(tok)
-        if piece:
-            parts[kind].append(piece)
-    rest = dec.flush()
-    if rest:
-        parts[kind].append(rest)
+    for piece in text_pieces(tokenizer, tokens, think, markers, eos, kind):
+        parts[piece.kind].append(piece.text)
     return "".join(parts["thinking"]), "".join(parts["answer"])
 
 

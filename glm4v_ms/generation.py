@@ -11,7 +11,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -314,9 +314,18 @@ def stream_generate(model, tokenizer, inputs: Dict, generation_config: Optional[
     eos = set(gen.eos_token_id or [])
     flat = ids.reshape(-1)
     kind = "thinking" if think is not None and _prompt_opens_thinking(flat, think) else "answer"
+    row_tokens = (int(t[0]) for t in iter_tokens(model, inputs, gen, think, stats, mode))
+    yield from text_pieces(tokenizer, row_tokens, think, markers, eos, kind, tokens_out)
+
+
+def text_pieces(tokenizer, tokens: Iterable[int], think: Optional[ThinkingTokens], markers: set, eos: set,
+                kind: str, tokens_out: Optional[List[int]] = None) -> Iterator[Piece]:
+    """One row's generated tokens -> text pieces tagged ``thinking`` / ``answer``, starting in part ``kind``:
+    <think>/</think> switch the part, <answer>/</answer> (``markers``) are dropped, an EOS token ends the text.
+    Each token is appended to ``tokens_out`` as it is consumed. Shared by stream_generate and batch jobs."""
     dec = _IncrementalDecoder(tokenizer)
-    for step_tokens in iter_tokens(model, inputs, gen, think, stats, mode):
-        tok = int(step_tokens[0])
+    for tok in tokens:
+        tok = int(tok)
         if tokens_out is not None:
             tokens_out.append(tok)
         is_marker = think is not None and tok in (think.think, think.end_think)
