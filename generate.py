@@ -21,6 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
+    try:
+        from glm4v_ms.pipeline import add_generation_arguments
+    except ImportError as e:
+        print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
+        sys.exit(2)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_name", default="tiny-random",
                     help="a GLM-4.1V folder, a hub id (downloaded when online), or tiny-random (built-in, random)")
@@ -31,15 +36,7 @@ def parse_args(argv=None):
     ap.add_argument("--pdf_dpi", type=float, default=None, help="PDF render resolution (default 180)")
     ap.add_argument("--prompt", help="the user message (required unless --chat)")
     ap.add_argument("--system", help="system message")
-    ap.add_argument("--max_new_tokens", type=int, default=8192)
-    ap.add_argument("--max_thinking_tokens", type=int, default=None,
-                    help="force </think><answer> after this many thinking tokens (official 'academic' recipe: 8192)")
-    ap.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample off)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top_k", type=int, default=2)
-    ap.add_argument("--top_p", type=float, default=1e-5)
-    ap.add_argument("--repetition_penalty", type=float, default=1.1)
-    ap.add_argument("--seed", type=int, default=None)
+    add_generation_arguments(ap)
     ap.add_argument("--hide_thinking", action="store_true", help="do not print the thinking part")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object (per turn) instead of streaming text")
@@ -61,13 +58,11 @@ def parse_args(argv=None):
 
 
 def run_turn(pipe, args, messages, first_image):
-    from glm4v_ms.pipeline import ChatResult
+    from glm4v_ms.pipeline import ChatResult, generation_knobs
 
     result = ChatResult()
     size = first_image.size if first_image is not None else None
-    knobs = dict(max_new_tokens=args.max_new_tokens, max_thinking_tokens=args.max_thinking_tokens,
-                 do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 repetition_penalty=args.repetition_penalty, seed=args.seed)
+    knobs = generation_knobs(args)
     grey, reset = ("\033[90m", "\033[0m") if sys.stdout.isatty() else ("", "")
     last = None
     for piece in pipe.stream(messages, result, image_size=size, **knobs):

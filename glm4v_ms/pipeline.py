@@ -85,6 +85,30 @@ class ChatResult:
                 "thinking_cut_at": s.thinking_cut[0] if s.thinking_cut else -1}
 
 
+def add_generation_arguments(parser, seed_help: str = "sampling seed (reproducible draws)") -> None:
+    """The generation flags of the command-line tools (generate.py, tools/batch_infer.py), with the official
+    recipe's defaults (generation.OFFICIAL_SAMPLING, 8192 new tokens)."""
+    from .generation import OFFICIAL_SAMPLING as rec
+
+    parser.add_argument("--max_new_tokens", type=int, default=8192)
+    parser.add_argument("--max_thinking_tokens", type=int, default=None,
+                        help="force </think><answer> after this many thinking tokens (official 'academic' recipe: "
+                             "8192)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample off)")
+    parser.add_argument("--temperature", type=float, default=rec["temperature"])
+    parser.add_argument("--top_k", type=int, default=rec["top_k"])
+    parser.add_argument("--top_p", type=float, default=rec["top_p"])
+    parser.add_argument("--repetition_penalty", type=float, default=rec["repetition_penalty"])
+    parser.add_argument("--seed", type=int, default=None, help=seed_help)
+
+
+def generation_knobs(args) -> Dict:
+    """The flags of add_generation_arguments -> GenerationConfig overrides."""
+    return dict(max_new_tokens=args.max_new_tokens, max_thinking_tokens=args.max_thinking_tokens,
+                do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
 class Glm4vPipeline:
     def __init__(self, model, processor, generation_config: GenerationConfig, folder: str, mode: str = "graph"):
         self.model, self.processor, self.gen, self.folder = model, processor, generation_config, folder

@@ -74,6 +74,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    try:
+        from glm4v_ms.pipeline import add_generation_arguments
+    except ImportError as e:
+        print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
+        sys.exit(2)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="JSONL file, one request per line")
     ap.add_argument("--output", required=True, help="JSONL results (written at the end; state in OUTPUT.parts/)")
@@ -90,15 +95,7 @@ def parse_args(argv=None):
     ap.add_argument("--rank", type=int, default=None, help="this process's rank, for launchers other than msrun")
     ap.add_argument("--world_size", type=int, default=None, help="number of processes, with --rank")
     g = ap.add_argument_group("generation (defaults as generate.py; a request's own fields override them)")
-    g.add_argument("--max_new_tokens", type=int, default=8192)
-    g.add_argument("--max_thinking_tokens", type=int, default=None,
-                   help="force </think><answer> after this many thinking tokens")
-    g.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample off)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top_k", type=int, default=2)
-    g.add_argument("--top_p", type=float, default=1e-5)
-    g.add_argument("--repetition_penalty", type=float, default=1.1)
-    g.add_argument("--seed", type=int, default=None, help="a sampled request with a seed runs in a batch of its own")
+    add_generation_arguments(g, seed_help="a sampled request with a seed runs in a batch of its own")
     m = ap.add_argument_group("model")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     m.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
@@ -190,9 +187,9 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         return 2
-    settings = dict(max_new_tokens=args.max_new_tokens, max_thinking_tokens=args.max_thinking_tokens,
-                    do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+    from glm4v_ms.pipeline import generation_knobs
+
+    settings = generation_knobs(args)
     options = JobOptions(input=args.input, output=args.output, batch_size=args.batch_size,
                          sort_window=args.sort_window, retry_errors=args.retry_errors,
                          fsync_interval=args.fsync_interval, progress=not args.no_progress, settings=settings,
