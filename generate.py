@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     try:
-        from glm4v_ms.pipeline import add_generation_arguments
+        from glm4v_ms.apps.pipeline import add_generation_arguments
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         sys.exit(2)
@@ -58,7 +58,7 @@ def parse_args(argv=None):
 
 
 def run_turn(pipe, args, messages, first_image):
-    from glm4v_ms.pipeline import ChatResult, generation_knobs
+    from glm4v_ms.apps.pipeline import ChatResult, generation_knobs
 
     result = ChatResult()
     size = first_image.size if first_image is not None else None
@@ -81,7 +81,7 @@ def run_turn(pipe, args, messages, first_image):
     print(f"[{s.prompt_tokens} prompt tokens, prefill {s.prefill_s * 1000:.0f} ms; {s.new_tokens} new tokens, "
           f"{s.decode_tok_s:.1f} tokens/s]", file=sys.stderr)
     if args.draw_boxes and first_image is not None:
-        from glm4v_ms.output import draw_boxes
+        from glm4v_ms.runtime.output import draw_boxes
 
         path = draw_boxes(first_image, result.boxes_pixels, args.draw_boxes)
         print(f"[{len(result.boxes_pixels)} box(es) drawn to {path}]", file=sys.stderr)
@@ -93,10 +93,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no tokenizer length warnings: we check the context
     try:
-        from glm4v_ms.media import MediaError, MissingDependencyError, load_image
-        from glm4v_ms.pipeline import Glm4vPipeline
-        from glm4v_ms.processing import PromptError
-        from glm4v_ms.weights import CheckpointError
+        from glm4v_ms.processing.media import MediaError, MissingDependencyError, load_image
+        from glm4v_ms.apps.pipeline import Glm4vPipeline
+        from glm4v_ms.processing.processor import PromptError
+        from glm4v_ms.model.weights import CheckpointError
 
         errors = (OSError, ValueError, MediaError, PromptError, CheckpointError, MissingDependencyError, KeyError)
     except ImportError as e:

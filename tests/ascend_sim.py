@@ -1,7 +1,7 @@
 """NumPy models of the Ascend kernels the fused path calls, written from their documented semantics (MindSpore 2.10
 docstrings of mindspore.ops.flash_attention_score, fused_infer_attention_score, rms_norm,
 rotary_position_embedding, swiglu; CANN's aclnnWeightQuantBatchMatmulV2 page for the weight-quant matmul). They stand in for the kernels in tests (PyNative only): ``simulated_kernels()``
-puts them into ``glm4v_ms.ops.KERNELS`` and switches the fused path on.
+puts them into ``glm4v_ms.model.ops.KERNELS`` and switches the fused path on.
 
 Documented constraints are enforced (layouts, the 2048 x 2048 compressed causal mask for sparse modes 2/3, cumulative
 actual_seq lengths in TND, N2 dividing N1, D a multiple of 16, the rotary kernel's cos layouts and its refusal of
@@ -19,8 +19,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from glm4v_ms import ops
-from glm4v_ms.quant import unpack_int4_pairs
+from glm4v_ms.model import ops
+from glm4v_ms.model.quant import unpack_int4_pairs
 
 CALLS: List[dict] = []
 COMPRESSED = np.triu(np.ones((2048, 2048), dtype=bool), 1)

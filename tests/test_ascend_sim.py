@@ -16,9 +16,10 @@ from safetensors.numpy import save_file
 import ascend_sim
 from conftest import record
 from reference import image_prompt, left_pad, pixels, rel_err, max_abs, tiny_config_dict, video_span, _text
-from glm4v_ms import Glm4vForConditionalGeneration, ops
-from glm4v_ms.tiny import random_weights
-from glm4v_ms.vision import cu_seqlens
+from glm4v_ms import Glm4vForConditionalGeneration, generate
+from glm4v_ms.model import ops
+from glm4v_ms.apps.tiny import random_weights
+from glm4v_ms.model.vision import cu_seqlens
 
 TOL = 1e-5
 
@@ -172,9 +173,9 @@ def test_fused_forward_equals_eager(aligned_model, case):
 
 def test_fused_decode_uses_fia_with_native_gqa_and_equals_eager(aligned_model):
     inputs = _inputs()["left-padded batch"]
-    want = aligned_model.generate(**inputs, max_new_tokens=12, eos_token_id=[], do_sample=False, mode="eager")
+    want = generate(aligned_model, **inputs, max_new_tokens=12, eos_token_id=[], do_sample=False, mode="eager")
     with ascend_sim.simulated_kernels() as calls:
-        got = aligned_model.generate(**inputs, max_new_tokens=12, eos_token_id=[], do_sample=False, mode="eager")
+        got = generate(aligned_model, **inputs, max_new_tokens=12, eos_token_id=[], do_sample=False, mode="eager")
     np.testing.assert_array_equal(got, want)
     fia = [c for c in calls if c["kernel"] == "fused_infer_attention_score"]
     assert len(fia) == 11 * aligned_model.config.text.num_hidden_layers

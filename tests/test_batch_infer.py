@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glm4v_ms.batch import (JobError, PartStore, RequestError, collate, make_layout, merge_parts,
+from glm4v_ms.apps.batch import (JobError, PartStore, RequestError, collate, make_layout, merge_parts,
                             parse_request, repair_tail, scan_input)
-from glm4v_ms.tiny import make_tiny_model
+from glm4v_ms.apps.tiny import make_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "batch_infer.py")
@@ -228,8 +228,8 @@ def test_part_store_repair_and_merge(tmp_path):
 def test_collate_equals_processor_batch(tiny, data):
     """Per-request encodings collated = the processor's own left-padded batch, except the ids under the padding
     (each row's first token instead of the pad token, so the repetition penalty sees the same tokens)."""
-    from glm4v_ms.pipeline import Glm4vPipeline
-    from glm4v_ms.processing import Glm4vProcessor
+    from glm4v_ms.apps.pipeline import Glm4vPipeline
+    from glm4v_ms.processing.processor import Glm4vProcessor
 
     proc = Glm4vProcessor.from_pretrained(tiny)
     convs = [Glm4vPipeline.messages("Describe.", images=[str(data / "a.png")]),
@@ -281,8 +281,8 @@ def test_bad_lines_are_per_line_errors(single):
 
 def test_batched_equals_each_request_alone(single, tiny, data):
     """Greedy answers of the batched run equal Glm4vPipeline.chat on each request alone (in a batch of 1)."""
-    from glm4v_ms.media import load_image
-    from glm4v_ms.pipeline import Glm4vPipeline
+    from glm4v_ms.processing.media import load_image
+    from glm4v_ms.apps.pipeline import Glm4vPipeline
 
     records, _, _ = single
     by_id = {x["id"]: x for x in records}
@@ -516,7 +516,7 @@ def test_msrun_tensor_parallel_equals_single_process(tiny, data, tmp_path):
     """--tp 2 under msrun (2 ranks, one TP group, one data shard, only rank 0 writes) gives the single-process
     results. The tiny model gets 2 KV heads so that TP 2 can split them."""
     from safetensors.numpy import save_file
-    from glm4v_ms.tiny import random_weights
+    from glm4v_ms.apps.tiny import random_weights
 
     model = tmp_path / "tiny_kv2"
     shutil.copytree(tiny, model)

@@ -1,4 +1,4 @@
-"""tools/convert.py and glm4v_ms.convert: HF folder -> converted folder that from_pretrained loads directly.
+"""tools/convert.py and glm4v_ms.apps.convert: HF folder -> converted folder that from_pretrained loads directly.
 
 Sources are sharded bf16 checkpoints (as the real model is published), re-saved here from the tiny reference model.
 Checked: exact equality of the loaded parameters and logits with the HF folder, the written files (layout of q/k
@@ -22,8 +22,8 @@ from safetensors.numpy import load_file, save_file
 import mindspore as ms
 from reference import image_prompt, pixels, tiny_config_dict
 from glm4v_ms import CheckpointError, Glm4vConfig, Glm4vForConditionalGeneration
-from glm4v_ms import convert as conv
-from glm4v_ms.config import CONVERTED_LAYOUT, LAYOUT_KEY
+from glm4v_ms.apps import convert as conv
+from glm4v_ms.model.config import CONVERTED_LAYOUT, LAYOUT_KEY
 from glm4v_ms.progress import Progress, format_bytes, format_duration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -525,7 +525,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import mindspore as ms
     import glm4v_ms
     from glm4v_ms import Glm4vForConditionalGeneration
-    from glm4v_ms.convert import convert_checkpoint
+    from glm4v_ms.apps.convert import convert_checkpoint
 
     glm4v_ms.set_device("CPU")
 

@@ -11,9 +11,10 @@ from mindspore import Tensor
 from conftest import record
 from reference import max_abs, rel_err
 from test_generation import CASES, UNTIED
-from glm4v_ms import Glm4vForConditionalGeneration, sampling
-from glm4v_ms.engine import GraphSession, graph_runner, next_pow2
-from glm4v_ms.generation import GenerationConfig, generate
+from glm4v_ms import Glm4vForConditionalGeneration
+from glm4v_ms.runtime import sampling
+from glm4v_ms.runtime.engine import GraphSession, graph_runner, next_pow2
+from glm4v_ms.runtime.generation import GenerationConfig, generate
 
 
 def _model(ref_models):

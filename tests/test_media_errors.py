@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glm4v_ms.media import (AspectRatioError, CorruptMediaError, EmptyMediaError, FetchError, ImageTooLargeError,
+from glm4v_ms.processing.media import (AspectRatioError, CorruptMediaError, EmptyMediaError, FetchError, ImageTooLargeError,
                             MediaNotFoundError, MediaOptions, MissingDependencyError, PageRangeError,
                             UnreadableMediaError, UnsupportedSourceError, load_image, load_images, load_pdf)
-from glm4v_ms.processing import Glm4vProcessor
-from glm4v_ms.tiny_tokenizer import build_tiny_tokenizer
+from glm4v_ms.processing.processor import Glm4vProcessor
+from glm4v_ms.processing.tiny_tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,7 @@ def test_processor_errors_name_the_input(processor, tmp_path):
     assert path in str(err.value) and isinstance(err.value, ValueError)
     with pytest.raises(UnsupportedSourceError, match="s3:"):
         processor(text="<|video|>", videos=["s3://bucket/clip.mp4"])
-    from glm4v_ms.processing import PromptError
+    from glm4v_ms.processing.processor import PromptError
     with pytest.raises(PromptError, match="'audio' is not supported"):
         processor.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}])
     with pytest.raises(PromptError, match="clip.mp4: 'fps' is the frame rate of a frame list"):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glm4v_ms.generation import GenerationConfig, stream_generate
-from glm4v_ms.output import Box, draw_boxes, parse_boxes, rescale_boxes, split_thinking
-from glm4v_ms.tiny_tokenizer import build_tiny_tokenizer
+from glm4v_ms.runtime.generation import GenerationConfig, stream_generate
+from glm4v_ms.runtime.output import Box, draw_boxes, parse_boxes, rescale_boxes, split_thinking
+from glm4v_ms.processing.tiny_tokenizer import build_tiny_tokenizer
 
 
 def test_split_thinking():
@@ -45,7 +45,7 @@ class _Scripted:
             self.logits = type("T", (), {"asnumpy": lambda s: logits})()
 
     def __init__(self, script, vocab):
-        from glm4v_ms.config import TextConfig
+        from glm4v_ms.model.config import TextConfig
 
         text = TextConfig.from_dict(dict(vocab_size=vocab, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                          num_attention_heads=1, num_key_value_heads=1, mrope_section=[1, 1, 2],

@@ -138,7 +138,7 @@ def test_tied_lm_head(ref_models):
     grids = [(1, 4, 6), (1, 10, 8)]
     ids = np.array([image_prompt(rng, grids, 2)])
     run_case("tied lm_head", folder, ref, ids, pv=pixels(rng, grids), grid=np.array(grids))
-    from glm4v_ms.weights import checkpoint_files
+    from glm4v_ms.model.weights import checkpoint_files
 
     assert "lm_head.weight" not in checkpoint_files(folder), "HF drops the tied lm_head from the file"
 

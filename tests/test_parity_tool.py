@@ -25,7 +25,7 @@ LAYERS = 3
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(model folder, image path): make_tiny_model's folder grown to 3 decoder layers, and a 70x100 picture."""
-    from glm4v_ms.tiny import make_tiny_model, random_weights
+    from glm4v_ms.apps.tiny import make_tiny_model, random_weights
 
     base = tmp_path_factory.mktemp("parity_tool")
     folder = make_tiny_model(str(base / "tiny"), seed=5)
@@ -175,7 +175,7 @@ def test_other_usage_errors(setup, capsys, tmp_path, monkeypatch):
 def test_converted_folder_against_its_hf_original(setup, capsys, tmp_path):
     """The convert -> verify workflow: a folder written by tools/convert.py (bf16 shards) passes the fp32 report
     against the Hugging Face folder it came from (its bf16-rounded weights are the reference's too)."""
-    from glm4v_ms.convert import convert_checkpoint
+    from glm4v_ms.apps.convert import convert_checkpoint
 
     folder, image = setup
     bf16 = _copy(folder, tmp_path / "bf16")

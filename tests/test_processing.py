@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from glm4v_ms.image_processing import ImageProcessorConfig, smart_resize, to_rgb
-from glm4v_ms.media import AspectRatioError
-from glm4v_ms.processing import Glm4vProcessor, PromptError
-from glm4v_ms.tiny_tokenizer import (CHAT_TEMPLATE, SPECIAL_TOKENS, THINKING_TOKENS, build_tiny_tokenizer,
+from glm4v_ms.processing.image_processing import ImageProcessorConfig, smart_resize, to_rgb
+from glm4v_ms.processing.media import AspectRatioError
+from glm4v_ms.processing.processor import Glm4vProcessor, PromptError
+from glm4v_ms.processing.tiny_tokenizer import (CHAT_TEMPLATE, SPECIAL_TOKENS, THINKING_TOKENS, build_tiny_tokenizer,
                                      model_token_ids, special_token_ids)
 
 HUB_SIZE = {"shortest_edge": 12544, "longest_edge": 9633792}  # GLM-4.1V-9B-Thinking preprocessor_config.json

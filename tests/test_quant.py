@@ -13,8 +13,9 @@ import mindspore as ms
 from conftest import record
 from gptq_pack import quantize, quantize_folder
 from reference import image_prompt, pixels, rel_err
-from glm4v_ms import CheckpointError, Glm4vForConditionalGeneration, ops
-from glm4v_ms.quant import (GPTQConfig, QuantConfigError, QuantLinear, pack_int4_pairs, unpack_cols, unpack_rows,
+from glm4v_ms import CheckpointError, Glm4vForConditionalGeneration, generate
+from glm4v_ms.model import ops
+from glm4v_ms.model.quant import (GPTQConfig, QuantConfigError, QuantLinear, pack_int4_pairs, unpack_cols, unpack_rows,
                             unpack_int4_pairs)
 
 UNTIED = dict(merge=2, tie=False, partial=0.5, mrope=(2, 3, 3))
@@ -167,8 +168,8 @@ def test_integer_weights_equal_dequantized(hf, tmp_path, bits, group_size, desc_
     record(f"gptq int{bits} kept int vs dequantized", "logits", err, float(np.abs(a - b).max()))
     assert err < 1e-5
     ids = _inputs(2)
-    g1 = deq.generate(**ids, max_new_tokens=6, do_sample=False, eos_token_id=[])
-    g2 = keep.generate(**ids, max_new_tokens=6, do_sample=False, eos_token_id=[])
+    g1 = generate(deq, **ids, max_new_tokens=6, do_sample=False, eos_token_id=[])
+    g2 = generate(keep, **ids, max_new_tokens=6, do_sample=False, eos_token_id=[])
     np.testing.assert_array_equal(g1, g2)
 
 
@@ -245,7 +246,7 @@ def test_cli_runs_a_gptq_checkpoint(tmp_path):
     import sys
 
     from PIL import Image
-    from glm4v_ms.tiny import make_tiny_model
+    from glm4v_ms.apps.tiny import make_tiny_model
 
     src = make_tiny_model(str(tmp_path / "tiny"))
     cfg = json.loads(open(os.path.join(src, "config.json")).read())

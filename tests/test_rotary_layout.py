@@ -6,8 +6,8 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from glm4v_ms import ops
-from glm4v_ms.rope import half_layout_permutation, inv_freq, mrope_axis_of_frequency, text_cos_sin
+from glm4v_ms.model import ops
+from glm4v_ms.model.rope import half_layout_permutation, inv_freq, mrope_axis_of_frequency, text_cos_sin
 
 
 def test_permutation_worked_example():

@@ -6,7 +6,7 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from glm4v_ms import sampling
+from glm4v_ms.runtime import sampling
 
 
 def test_hand_computed():
@@ -57,7 +57,7 @@ def test_sample_follows_the_distribution_and_is_seeded():
 
 def test_seeded_generation_is_reproducible(ref_models):
     from glm4v_ms import Glm4vForConditionalGeneration
-    from glm4v_ms.generation import generate
+    from glm4v_ms.runtime.generation import generate
 
     folder, _ = ref_models("untied", seed=0, merge=2, tie=False, partial=0.5, mrope=(2, 3, 3))
     model = Glm4vForConditionalGeneration.from_pretrained(folder)

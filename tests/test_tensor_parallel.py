@@ -1,4 +1,4 @@
-"""Tensor parallelism (glm4v_ms/parallel.py).
+"""Tensor parallelism (glm4v_ms/model/parallel.py).
 
 * Without msrun: the slicing functions (each rank's pieces reassemble to the full tensor; gate/up), the loader (two
   ranks' parameters reassemble to the full model's), the config-divisibility errors, and the split math: the full
@@ -24,11 +24,12 @@ from safetensors.numpy import save_file
 from conftest import record
 from reference import rel_err, max_abs, tiny_config_dict
 from tp_worker import STEPS, eager_greedy, graph_greedy, tp_inputs
-from glm4v_ms import Glm4vForConditionalGeneration, TextConfig, ops
-from glm4v_ms.cache import KVCache, additive_causal_mask
-from glm4v_ms.parallel import (TPContext, TPSplit, check_divisible, init_tensor_parallel, load_tp_model,
+from glm4v_ms import Glm4vForConditionalGeneration, TextConfig
+from glm4v_ms.model import ops
+from glm4v_ms.model.kv_cache import KVCache, additive_causal_mask
+from glm4v_ms.model.parallel import (TPContext, TPSplit, check_divisible, init_tensor_parallel,
                                local_text_config, shard_cols, shard_gate_up, shard_rows)
-from glm4v_ms.tiny import random_weights
+from glm4v_ms.apps.tiny import random_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5  # relative, fp32: the all-reduce changes only the summation order
@@ -48,7 +49,7 @@ def _write(folder, cfg, weights):
 def folders(tmp_path_factory):
     """HF-layout tiny model with 2 KV heads, its converted twin and a GPTQ int4 twin (every decoder projection)."""
     from gptq_pack import quantize_folder
-    from glm4v_ms.convert import convert_checkpoint
+    from glm4v_ms.apps.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("tp")
     cfg = tiny_config_dict(**TP_MODEL)
@@ -96,7 +97,7 @@ def test_slices_reassemble():
 
 def test_split_plan_covers_the_model():
     """full_shape maps every local parameter to the full model's shape; only the six decoder projections split."""
-    from glm4v_ms.config import Glm4vConfig
+    from glm4v_ms.model.config import Glm4vConfig
 
     cfg = Glm4vConfig.from_dict(tiny_config_dict(**TP_MODEL))
     full = {k: tuple(p.shape) for k, p in Glm4vForConditionalGeneration(cfg).parameters_and_names()}
@@ -136,7 +137,7 @@ def test_divisibility_errors(folders):
         load_tp_model(folders["hf"], 4)
     with pytest.raises(RuntimeError, match="msrun"):
         init_tensor_parallel(2)
-    from glm4v_ms.quant import QuantConfigError
+    from glm4v_ms.model.quant import QuantConfigError
 
     with pytest.raises(QuantConfigError, match="tensor parallelism.*dequantize"):
         _rank_model(folders["gptq"], 0, quantized_weights="int")

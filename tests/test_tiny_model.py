@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from glm4v_ms import Glm4vForConditionalGeneration
-from glm4v_ms.tiny import make_tiny_model
+from glm4v_ms.apps.tiny import make_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

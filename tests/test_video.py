@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from glm4v_ms.media import MissingDependencyError
-from glm4v_ms.processing import Glm4vProcessor, MixedMediaError
-from glm4v_ms.tiny_tokenizer import build_tiny_tokenizer
-from glm4v_ms.video_processing import (Video, VideoProcessorConfig, group_timestamps, load_video,
+from glm4v_ms.processing.media import MissingDependencyError
+from glm4v_ms.processing.processor import Glm4vProcessor, MixedMediaError
+from glm4v_ms.processing.tiny_tokenizer import build_tiny_tokenizer
+from glm4v_ms.processing.video_processing import (Video, VideoProcessorConfig, group_timestamps, load_video,
                                        preprocess_video, sample_frame_indices)
 
 av = pytest.importorskip("av")  # fallback only: CI installs av
@@ -217,7 +217,7 @@ def test_video_config_falls_back_like_transformers(tmp_path):
 
 
 def test_frames_without_fps_and_missing_pyav(processor, monkeypatch, tmp_path):
-    from glm4v_ms.media import UnreadableMediaError
+    from glm4v_ms.processing.media import UnreadableMediaError
     with pytest.raises(UnreadableMediaError, match="fps"):
         processor(text="<|video|>", videos=[[_frame(0), _frame(1)]])
     path = _write_clip(str(tmp_path / "c.avi"), "rawvideo", "bgr24", frames=4)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from reference import pixels, rel_err
 from glm4v_ms import Glm4vForConditionalGeneration
-from glm4v_ms import ops as gops
-from glm4v_ms import vision
-from glm4v_ms.vision import bicubic_matrix
+from glm4v_ms.model import ops as gops
+from glm4v_ms.model import vision
+from glm4v_ms.model.vision import bicubic_matrix
 
 UNTIED = dict(merge=2, tie=False, partial=0.5, mrope=(2, 3, 3))
 

@@ -38,8 +38,8 @@ def tp_inputs():
 
 def graph_greedy(model, inputs, steps: int = STEPS):
     """Graph-mode greedy decoding with each step's logits: tokens [steps, B], logits [steps, B, V]."""
-    from glm4v_ms.engine import GraphSession, graph_runner
-    from glm4v_ms.generation import GenerationConfig
+    from glm4v_ms.runtime.engine import GraphSession, graph_runner
+    from glm4v_ms.runtime.generation import GenerationConfig
 
     runner = graph_runner(model)
     b, s = inputs["input_ids"].shape
@@ -60,7 +60,7 @@ def graph_greedy(model, inputs, steps: int = STEPS):
 
 
 def eager_greedy(model, inputs, steps: int = STEPS):
-    from glm4v_ms.generation import generate
+    from glm4v_ms.runtime.generation import generate
 
     return generate(model, **inputs, max_new_tokens=steps, eos_token_id=[], mode="eager")
 
@@ -68,8 +68,8 @@ def eager_greedy(model, inputs, steps: int = STEPS):
 def main(argv) -> None:
     out_dir, tp, folders = argv[0], int(argv[1]), [a.split("=", 1) for a in argv[2:]]
     import glm4v_ms
-    from glm4v_ms.generation import generate
-    from glm4v_ms.parallel import load_tp_model
+    from glm4v_ms.runtime.generation import generate
+    from glm4v_ms import load_tp_model
 
     glm4v_ms.set_device("CPU")
     inputs = tp_inputs()

@@ -43,7 +43,7 @@ def rel(a, b) -> float:
 def aligned_tiny(folder: str) -> str:
     """A random model whose head dims are multiples of 16 (vision 64/4, text 64/2), as the FA kernels require."""
     from safetensors.numpy import save_file
-    from glm4v_ms.tiny import TINY_TEXT, TINY_VISION, random_weights
+    from glm4v_ms.apps.tiny import TINY_TEXT, TINY_VISION, random_weights
 
     cfg = {"architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v", "tie_word_embeddings": False,
            "image_token_id": 300, "video_token_id": 301, "image_start_token_id": 302, "image_end_token_id": 303,
@@ -89,8 +89,8 @@ def weight_quant_errors(ms, dtype, fused: bool) -> dict:
     byte, element 2j in the low nibble; int8; per-group 128 and per-channel) against x @ ((w + offset) * scale) in
     fp32 numpy. Checks the kernel's argument conventions and the int4 packing order glm4v_ms assumes."""
     from mindspore import Tensor
-    from glm4v_ms import ops
-    from glm4v_ms.quant import GPTQSpec, QuantLinear, pack_int4_pairs
+    from glm4v_ms.model import ops
+    from glm4v_ms.model.quant import GPTQSpec, QuantLinear, pack_int4_pairs
 
     rng = np.random.default_rng(2)
     out = {}
@@ -116,7 +116,7 @@ def weight_quant_errors(ms, dtype, fused: bool) -> dict:
 
 
 def decode_speed(model, tokens: int) -> float:
-    from glm4v_ms.generation import StepStats, generate
+    from glm4v_ms.runtime.generation import StepStats, generate
 
     ids = np.random.default_rng(1).integers(10, 250, size=(1, 64))
     generate(model, ids, max_new_tokens=tokens, eos_token_id=[], do_sample=False)  # compiles
@@ -133,9 +133,10 @@ def main(argv=None) -> int:
     ap.add_argument("--allow_cpu", action="store_true", help="dry run on CPU in fp32 (verifies nothing about Ascend)")
     args = ap.parse_args(argv)
     import mindspore as ms
-    from glm4v_ms import Glm4vForConditionalGeneration, ops
-    from glm4v_ms.engine import GraphSession, graph_runner
-    from glm4v_ms.generation import GenerationConfig, generate
+    from glm4v_ms import Glm4vForConditionalGeneration
+    from glm4v_ms.model import ops
+    from glm4v_ms.runtime.engine import GraphSession, graph_runner
+    from glm4v_ms.runtime.generation import GenerationConfig, generate
 
     if args.allow_cpu:
         ops.set_device("CPU")

@@ -28,7 +28,7 @@ Batching: each process reads its pending requests in windows of --sort_window, g
 and text / video: one forward cannot hold both) and generation settings (greedy requests share batches whatever
 their sampling knobs; a sampled request with a seed runs alone so that its result does not depend on its
 neighbours), sorts them by prompt length and runs left-padded batches of up to --batch_size with
-glm4v_ms.generation (graph mode by default). Greedy results do not depend on the batch.
+glm4v_ms.runtime.generation (graph mode by default). Greedy results do not depend on the batch.
 
 ONE MACHINE, ALL CARDS (msrun, MindSpore's launcher; one process per card; each uses the card of its local rank):
   source .venv/bin/activate        # msrun starts `python` from PATH: it must be the environment's python
@@ -42,7 +42,7 @@ the input and the output's folder must be on a filesystem that every machine see
 Other launchers (one process per card started by a scheduler, e.g. an array job): pass --rank R --world_size N to
 each (the card: $DEVICE_ID, default 0). Such processes do not talk to each other: the last one to finish merges.
 
-TENSOR PARALLELISM (--tp N, under msrun): N consecutive ranks split the decoder (glm4v_ms/parallel.py) and work
+TENSOR PARALLELISM (--tp N, under msrun): N consecutive ranks split the decoder (glm4v_ms/model/parallel.py) and work
 on one shard together; only the first rank of each group writes. --worker_num must be a multiple of N; N must
 divide the model's query heads, KV heads and MLP width (GLM-4.1V-9B: --tp 2). E.g. 8 cards as 4 groups of 2:
   msrun --worker_num=8 --local_worker_num=8 ... tools/batch_infer.py --tp 2 --device Ascend --dtype bfloat16 ...
@@ -75,7 +75,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv=None):
     try:
-        from glm4v_ms.pipeline import add_generation_arguments
+        from glm4v_ms.apps.pipeline import add_generation_arguments
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         sys.exit(2)
@@ -135,7 +135,7 @@ def distributed_layout(args, tp: int = 1):
     """Rank, world and the data-parallel layout of this process: from msrun (mindspore.communication.init()), from
     --rank/--world_size, or a single process. The device is selected here (card = local rank) before init."""
     import glm4v_ms
-    from glm4v_ms.batch import JobError, make_layout
+    from glm4v_ms.apps.batch import JobError, make_layout
 
     if launched_by_msrun():
         if args.rank is not None:
@@ -144,7 +144,7 @@ def distributed_layout(args, tp: int = 1):
         from mindspore.communication import get_group_size, get_local_rank, get_rank, init
 
         if tp > 1:  # joins the process group and sets up the TP groups of tp consecutive ranks
-            from glm4v_ms.parallel import init_tensor_parallel
+            from glm4v_ms.model.parallel import init_tensor_parallel
 
             init_tensor_parallel(tp)
         else:
@@ -181,13 +181,13 @@ def main(argv=None) -> int:
     # A kill (SIGTERM, e.g. preemption) unwinds like Ctrl-C: the part file is fsync'ed and closed.
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        from glm4v_ms.batch import BatchJob, JobError, JobOptions
-        from glm4v_ms.media import MissingDependencyError
-        from glm4v_ms.weights import CheckpointError
+        from glm4v_ms.apps.batch import BatchJob, JobError, JobOptions
+        from glm4v_ms.processing.media import MissingDependencyError
+        from glm4v_ms.model.weights import CheckpointError
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         return 2
-    from glm4v_ms.pipeline import generation_knobs
+    from glm4v_ms.apps.pipeline import generation_knobs
 
     settings = generation_knobs(args)
     options = JobOptions(input=args.input, output=args.output, batch_size=args.batch_size,
@@ -196,11 +196,11 @@ def main(argv=None) -> int:
                          test_delay=float(os.environ.get("GLM4V_BATCH_TEST_DELAY", "0") or 0))
 
     def load_pipeline():
-        from glm4v_ms.pipeline import Glm4vPipeline
+        from glm4v_ms.apps.pipeline import Glm4vPipeline
 
         tensor_parallel = None
         if args.tp > 1:
-            from glm4v_ms.parallel import init_tensor_parallel
+            from glm4v_ms.model.parallel import init_tensor_parallel
 
             tensor_parallel = init_tensor_parallel(args.tp)  # already set up: returns this process's context
         return Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device,
@@ -209,9 +209,9 @@ def main(argv=None) -> int:
 
     try:
         if args.tp > 1:  # a config tp cannot split is a clear error before any process group is joined
-            from glm4v_ms.config import Glm4vConfig
-            from glm4v_ms.parallel import check_divisible
-            from glm4v_ms.pipeline import resolve_model
+            from glm4v_ms.model.config import Glm4vConfig
+            from glm4v_ms.model.parallel import check_divisible
+            from glm4v_ms.apps.pipeline import resolve_model
 
             check_divisible(Glm4vConfig.from_pretrained(resolve_model(args.model_name)).text, args.tp)
         layout = distributed_layout(args, tp=args.tp)

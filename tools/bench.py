@@ -70,7 +70,7 @@ def bench_folder(name: str) -> str:
     """The config's random checkpoint (bf16 safetensors, HF layout), written once and atomically."""
     import ml_dtypes
     from safetensors.numpy import save_file
-    from glm4v_ms.tiny import random_weights
+    from glm4v_ms.apps.tiny import random_weights
 
     cfg = config_dict(name)
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
@@ -115,8 +115,9 @@ def peak_mb() -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 def worker_ours(folder: str, mode: str, batch: int, new: int) -> dict:
-    from glm4v_ms import Glm4vForConditionalGeneration, ops
-    from glm4v_ms.generation import StepStats, generate
+    from glm4v_ms import Glm4vForConditionalGeneration
+    from glm4v_ms.model import ops
+    from glm4v_ms.runtime.generation import StepStats, generate
 
     ops.set_device("CPU")
     t = time.perf_counter()

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     # A kill (SIGTERM) unwinds like Ctrl-C, so the temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from glm4v_ms.convert import convert_checkpoint
+    from glm4v_ms.apps.convert import convert_checkpoint
     from glm4v_ms.progress import format_bytes
-    from glm4v_ms.weights import CheckpointError
+    from glm4v_ms.model.weights import CheckpointError
 
     try:
         s = convert_checkpoint(args.src, args.dst, force=args.force, verify=args.verify,

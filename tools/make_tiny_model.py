@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="replace the folder if it exists")
     args = ap.parse_args(argv)
-    from glm4v_ms.tiny import make_tiny_model
+    from glm4v_ms.apps.tiny import make_tiny_model
 
     try:
         path = make_tiny_model(args.folder, seed=args.seed, overwrite=args.force)

@@ -45,7 +45,7 @@ Default thresholds (each overridable):
             the cosine column tells a direction error (low cosine) from a scale error (high cosine, high rel).)
 --dtype bfloat16 on Ascend loads real bf16 parameters. On CPU (no bf16 matmul in MindSpore) bf16 is EMULATED: fp32
 parameters rounded to bf16, and the outputs of linear layers, norms, attention, swiglu and rotary rounded to bf16
-(glm4v_ms.ops.set_bf16_emulation); it approximates a real bf16 run. The reference is always fp32.
+(glm4v_ms.model.ops.set_bf16_emulation); it approximates a real bf16 run. The reference is always fp32.
 
 --layers: ``every:K`` = layers 0, K, 2K, ... and the last one (default every:4); ``all``; or indices ``0,5,39``
 (negative indices count from the end).
@@ -148,8 +148,8 @@ def parse_layers(spec: str, n_layers: int) -> List[int]:
 
 
 def messages(prompt: str, images: Sequence[str], video: Optional[str]) -> List[Dict]:
-    """generate.py's messages (glm4v_ms.pipeline.Glm4vPipeline.messages): media items, then the text."""
-    from glm4v_ms.pipeline import Glm4vPipeline
+    """generate.py's messages (glm4v_ms.apps.pipeline.Glm4vPipeline.messages): media items, then the text."""
+    from glm4v_ms.apps.pipeline import Glm4vPipeline
 
     return Glm4vPipeline.messages(prompt, images=images, video=video)
 
@@ -221,7 +221,8 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
              pad: int, dtype: str, device: str, mode: str) -> Dict:
     import mindspore as ms
     import glm4v_ms
-    from glm4v_ms import Glm4vForConditionalGeneration, ops
+    from glm4v_ms import Glm4vForConditionalGeneration
+    from glm4v_ms.model import ops
 
     target = ops.device_target()
     emulate = dtype == "bfloat16" and target == "CPU"
@@ -229,7 +230,7 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
     model = Glm4vForConditionalGeneration.from_pretrained(model_dir, dtype=load_dtype)
     if emulate:
         model.round_parameters(ms.bfloat16)
-        glm4v_ms.ops.set_bf16_emulation(True)
+        glm4v_ms.model.ops.set_bf16_emulation(True)
 
     def f32(t):
         if isinstance(t, ms.Tensor):
@@ -248,11 +249,11 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
         del out
         st["new_tokens"] = []
         if tokens:
-            seq = model.generate(**inputs, do_sample=False, repetition_penalty=1.0, max_new_tokens=tokens,
+            seq = glm4v_ms.generate(model, **inputs, do_sample=False, repetition_penalty=1.0, max_new_tokens=tokens,
                                  eos_token_id=list(eos), pad_token_id=pad, mode=mode)
             st["new_tokens"] = seq[0, inputs["input_ids"].shape[1]:].tolist()
     finally:
-        glm4v_ms.ops.set_bf16_emulation(False)
+        glm4v_ms.model.ops.set_bf16_emulation(False)
     st["emulated"] = emulate
     return st
 
@@ -364,10 +365,10 @@ def _progress(msg: str) -> None:
 
 
 def _run(args) -> int:
-    from glm4v_ms.config import Glm4vConfig
-    from glm4v_ms.media import MediaError, MissingDependencyError
-    from glm4v_ms.processing import PromptError
-    from glm4v_ms.weights import CheckpointError
+    from glm4v_ms.model.config import Glm4vConfig
+    from glm4v_ms.processing.media import MediaError, MissingDependencyError
+    from glm4v_ms.processing.processor import PromptError
+    from glm4v_ms.model.weights import CheckpointError
 
     setup_errors = (OSError, ValueError, MediaError, PromptError, CheckpointError, MissingDependencyError, KeyError)
     model_dir = args.model_dir
@@ -395,8 +396,8 @@ def _run(args) -> int:
         raise UsageError(f"the reference needs torch and transformers ({_first_line(e)}); install them with "
                          "pip install -r requirements-dev.txt") from None
     import glm4v_ms
-    from glm4v_ms.generation import GenerationConfig
-    from glm4v_ms.processing import Glm4vProcessor
+    from glm4v_ms.runtime.generation import GenerationConfig
+    from glm4v_ms.processing.processor import Glm4vProcessor
 
     try:
         glm4v_ms.set_device(args.device)
@@ -418,7 +419,7 @@ def _run(args) -> int:
         raise UsageError(_first_line(e)) from None
     eos = [int(e) for e in (gen.eos_token_id or [])]
     pad = int(gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0))
-    emulated = args.dtype == "bfloat16" and glm4v_ms.ops.device_target() == "CPU"
+    emulated = args.dtype == "bfloat16" and glm4v_ms.model.ops.device_target() == "CPU"
     if emulated:
         print("note: bfloat16 is EMULATED on CPU (fp32 compute; parameters and op outputs rounded to bf16); "
               "run on Ascend for real bf16", file=sys.stderr if args.json else sys.stdout)

@@ -16,8 +16,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from .generation import GenerationConfig, Piece, StepStats, stream_generate
-from .output import Box, parse_boxes, rescale_boxes, split_thinking
+from ..runtime.generation import GenerationConfig, Piece, StepStats, stream_generate
+from ..runtime.output import Box, parse_boxes, rescale_boxes, split_thinking
 
 TINY_RANDOM = "tiny-random"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -88,7 +88,7 @@ class ChatResult:
 def add_generation_arguments(parser, seed_help: str = "sampling seed (reproducible draws)") -> None:
     """The generation flags of the command-line tools (generate.py, tools/batch_infer.py), with the official
     recipe's defaults (generation.OFFICIAL_SAMPLING, 8192 new tokens)."""
-    from .generation import OFFICIAL_SAMPLING as rec
+    from ..runtime.generation import OFFICIAL_SAMPLING as rec
 
     parser.add_argument("--max_new_tokens", type=int, default=8192)
     parser.add_argument("--max_thinking_tokens", type=int, default=None,
@@ -119,9 +119,9 @@ class Glm4vPipeline:
                         mode: str = "graph", quantized_weights: str = "auto",
                         tensor_parallel=None) -> "Glm4vPipeline":
         """``tensor_parallel``: a parallel.TPContext (under msrun) to load this rank's part of the decoder."""
-        from . import ops
-        from .model import Glm4vForConditionalGeneration
-        from .processing import Glm4vProcessor
+        from ..model import ops
+        from ..model.glm4v import Glm4vForConditionalGeneration
+        from ..processing.processor import Glm4vProcessor
 
         target = ops.set_device(device)
         if target == "CPU" and str(dtype).lower() in ("bfloat16", "bf16"):
@@ -140,7 +140,7 @@ class Glm4vPipeline:
                  system: Optional[str] = None, history: Sequence[Dict] = ()) -> List[Dict]:
         """HF-format messages: optional system, earlier turns, then a user turn with media items before the text."""
         if images and video is not None:
-            from .processing import MixedMediaError
+            from ..processing.processor import MixedMediaError
 
             raise MixedMediaError("images and a video in one prompt are not supported by GLM-4.1V (they share the "
                                   "<|image|> placeholder); send them as separate prompts")

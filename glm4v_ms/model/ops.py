@@ -146,7 +146,7 @@ def tp_all_reduce(x: Tensor) -> Tensor:
     AllReduce, traced into the graph inside ``mindspore.jit``. Every rank gets the same sum."""
     if _TP["op"] is None:
         raise RuntimeError("this decoder was split for tensor parallelism but the process has no tensor-parallel "
-                           "group: load it with glm4v_ms.parallel.load_tp_model under msrun")
+                           "group: load it with glm4v_ms.load_tp_model under msrun")
     return _r(_TP["op"](x))
 
 

@@ -8,8 +8,8 @@ Launch (CPU: backend mccl; Ascend: HCCL, one NPU per process, msrun exports ``DE
 and in the script (every rank runs the same code on the same inputs)::
 
     glm4v_ms.set_device("CPU")                     # or "Ascend"
-    model, ctx = glm4v_ms.parallel.load_tp_model(folder, tp=2, dtype=mindspore.float32)
-    ids = model.generate(**inputs, max_new_tokens=64)   # identical on every rank; print on ctx.tp_rank == 0
+    model, ctx = glm4v_ms.load_tp_model(folder, tp=2, dtype=mindspore.float32)
+    ids = glm4v_ms.generate(model, **inputs, max_new_tokens=64)   # identical on every rank; print on ctx.tp_rank == 0
 
 What is split (Megatron style, per decoder layer):
 
@@ -256,26 +256,6 @@ class TPSplit:
         if kind == "gate_up":
             return shard_gate_up(arr, self.rank, self.tp)
         return arr
-
-
-def load_tp_model(folder: str, tp: int, dtype=None, quantized_weights: str = "auto"):
-    """The single entry point: set up tensor parallelism of size ``tp`` (``init_tensor_parallel``) and load this
-    rank's model from ``folder``. Returns ``(model, ctx)``; with tp == 1 outside msrun it is the ordinary model.
-    Raises ValueError naming the config field when tp does not divide the heads, KV heads or intermediate size."""
-    import mindspore as ms
-
-    from .config import Glm4vConfig
-    from .model import Glm4vForConditionalGeneration
-
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder not found: {folder}")
-    check_divisible(Glm4vConfig.from_pretrained(folder).text, tp)  # before any process group is joined
-    ctx = init_tensor_parallel(tp)
-    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=ms.float32 if dtype is None else dtype,
-                                                          quantized_weights=quantized_weights,
-                                                          tensor_parallel=ctx if ctx.enabled else None)
-    return model, ctx
 
 
 def request_seed(model, seed: Optional[int], do_sample: bool) -> Optional[int]:

@@ -31,9 +31,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops as msops
 
-from . import ops
-from .cache import KVCache, mask_fill, write_index
-from .parallel import request_seed
+from ..model import ops
+from ..model.kv_cache import KVCache, mask_fill, write_index
+from ..model.parallel import request_seed
 from .sampling import device_next_tokens
 
 _SCATTER = msops.ScatterNdUpdate()

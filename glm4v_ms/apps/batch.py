@@ -255,7 +255,7 @@ def parse_request(obj: Dict, index: int) -> Request:
     if ("pdf_pages" in obj or "pdf_dpi" in obj) and "pdf" not in obj:
         raise RequestError("'pdf_pages' / 'pdf_dpi' need a 'pdf'")
     from .pipeline import Glm4vPipeline
-    from .processing import MixedMediaError
+    from ..processing.processor import MixedMediaError
 
     try:
         messages = Glm4vPipeline.messages(obj["prompt"], images=images, video=obj.get("video"), pdf=obj.get("pdf"),
@@ -571,7 +571,7 @@ def settings_key(gen, kind: str, index: int) -> tuple:
 def encode_request(pipe, request: Request, job_settings: Dict) -> Encoded:
     """Load and preprocess one request alone (a bad image fails here, for this request only), fit its generation
     settings to the context as ``Glm4vPipeline.stream`` does, and compute its batching key."""
-    from .media import load_images
+    from ..processing.media import load_images
 
     settings = dict(job_settings)
     settings.update(request.settings)
@@ -630,7 +630,7 @@ def collate(inputs: Sequence[Dict]) -> Dict:
 
 def pieces_from_tokens(tokenizer, tokens: Sequence[int], think, markers: set, eos: set, kind: str):
     """(thinking, answer_text) of one row's generated tokens, exactly as ``generation.stream_generate`` yields them."""
-    from .generation import text_pieces
+    from ..runtime.generation import text_pieces
 
     parts = {"thinking": [], "answer": []}
     for piece in text_pieces(tokenizer, tokens, think, markers, eos, kind):
@@ -640,8 +640,8 @@ def pieces_from_tokens(tokenizer, tokens: Sequence[int], think, markers: set, eo
 
 def generate_batch(pipe, batch: Sequence[Encoded]) -> List[Dict]:
     """Run one batch (same key) and return one record per request, with ChatResult.as_dict()'s keys."""
-    from .generation import StepStats, _prompt_opens_thinking, iter_tokens, thinking_tokens
-    from .output import parse_boxes, rescale_boxes, split_thinking
+    from ..runtime.generation import StepStats, _prompt_opens_thinking, iter_tokens, thinking_tokens
+    from ..runtime.output import parse_boxes, rescale_boxes, split_thinking
     from .pipeline import ChatResult
 
     tok = pipe.processor.tokenizer
@@ -881,8 +881,8 @@ class BatchJob:
 
 
 def _describe_error(e: BaseException) -> str:
-    from .media import MediaError, MissingDependencyError
-    from .processing import PromptError
+    from ..processing.media import MediaError, MissingDependencyError
+    from ..processing.processor import PromptError
 
     known = (RequestError, MediaError, PromptError, MissingDependencyError, OSError, ValueError, KeyError)
     msg = first_line(e)
@@ -895,7 +895,7 @@ class _Tracker:
 
     def __init__(self, store: PartStore, pending: Sequence[int], done_before: int, options: JobOptions,
                  layout: Layout):
-        from .progress import Progress
+        from ..progress import Progress
 
         self.store = store
         self.left = set(pending)

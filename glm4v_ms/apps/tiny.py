@@ -44,8 +44,8 @@ def random_weights(config_dict: Dict, seed: int = 0) -> Dict[str, np.ndarray]:
     """Random weights for every parameter of the model ``config_dict`` describes (names/shapes from our model,
     which equals the checkpoint layout): 1/sqrt(fan_in) matrices, norm weights near 1, small biases, a
     unit-variance position table."""
-    from .config import Glm4vConfig
-    from .model import Glm4vForConditionalGeneration
+    from ..model.config import Glm4vConfig
+    from ..model.glm4v import Glm4vForConditionalGeneration
 
     model = Glm4vForConditionalGeneration(Glm4vConfig.from_dict(config_dict))  # lazy: allocates nothing
     rng = np.random.default_rng(seed)
@@ -107,7 +107,7 @@ def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False) -> str:
 def _write_tokenizer(folder: str):
     """Writes the offline GLM-4.1V test tokenizer (with its chat template); returns (config token ids, vocab size).
     The embedding gets a few spare rows beyond the tokenizer, as the real model has (151552 > 151329 + specials)."""
-    from .tiny_tokenizer import build_tiny_tokenizer, model_token_ids
+    from ..processing.tiny_tokenizer import build_tiny_tokenizer, model_token_ids
 
     tok = build_tiny_tokenizer(folder)
     return model_token_ids(tok), (len(tok) // 64 + 1) * 64

@@ -11,14 +11,16 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops as msops
 
-from . import ops
-from .cache import KVCache, additive_causal_mask, mask_fill
+from . import ops, quant
+from .generation_config import GenerationConfig
+from .kv_cache import KVCache, additive_causal_mask, mask_fill
 from .config import Glm4vConfig
 from .layers import Linear
 from .rope import get_rope_index, half_layout_permutation, inv_freq, mrope_axis_of_frequency, text_cos_sin
 from .text import Glm4vTextModel
 from .vision import Glm4vVisionModel
-from .weights import load_weights
+from .parallel import TPSplit, check_divisible, init_tensor_parallel
+from .weights import CheckpointError, checkpoint_files, load_weights
 
 _DTYPES = {"float32": ms.float32, "fp32": ms.float32, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16,
            "float16": ms.float16, "fp16": ms.float16}
@@ -95,13 +97,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         config = Glm4vConfig.from_pretrained(folder)
         split = None
         if tensor_parallel is not None and tensor_parallel.tp_size > 1:
-            from .parallel import TPSplit
-
             split = TPSplit(config.text, tensor_parallel.tp_rank, tensor_parallel.tp_size)
             if quantized_weights == "int" and config.quantization is not None:
-                from .quant import QuantConfigError
-
-                raise QuantConfigError("GPTQ integer weights (quantized_weights='int') are not supported with tensor "
+                raise quant.QuantConfigError("GPTQ integer weights (quantized_weights='int') are not supported with tensor "
                                        "parallelism; load with quantized_weights='dequantize'")
             config = dataclasses.replace(config, text=split.local)
         model = cls(config, dtype)
@@ -112,8 +110,6 @@ class Glm4vForConditionalGeneration(nn.Cell):
         # A converted folder already stores the decoder's q/k rows in the half rotary layout: never permute twice.
         load_weights(model, folder, ignore=ignore, transform=None if config.converted else model.checkpoint_transform,
                      quantized=quantized, zero_offset=zero_offset, split=split)
-        from .generation import GenerationConfig
-
         # Static defaults of the checkpoint (like HF's model.generation_config); not per-request state.
         model.generation_config = GenerationConfig.from_pretrained(folder, text_config=config.text)
         return model
@@ -122,9 +118,6 @@ class Glm4vForConditionalGeneration(nn.Cell):
         """GPTQ modules of the checkpoint in ``folder`` -> {name: (spec, keep_int, out, in)} and the zero offset;
         with ``keep_int`` their Linear cells are replaced by quant.QuantLinear. Nothing for a float checkpoint.
         ``split`` (tensor parallelism): out/in are the full (checkpoint) sizes, not the rank's."""
-        from . import quant
-        from .weights import CheckpointError, checkpoint_files
-
         names = sorted(k[:-len(".qweight")] for k in checkpoint_files(folder) if k.endswith(".qweight"))
         qc = self.config.quantization
         if not names and qc is None:
@@ -302,16 +295,6 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return Glm4vOutput(logits=logits, rope_deltas=deltas, position_ids=position_ids, hidden_states=all_hidden,
                            vision_stages=stages)
 
-    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, **kwargs) -> np.ndarray:
-        """HF-compatible generate: [B, S + new] ids (prompt then new tokens). Keyword arguments: max_new_tokens,
-        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, seed,
-        max_thinking_tokens, generation_config (see glm4v_ms.generation.generate)."""
-        from .generation import generate
-
-        return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                        video_grid_thw, **kwargs)
-
     def rotary_tables(self, position_ids: Tensor):
         """cos/sin [B, S, head_dim] of the decoder for 3D positions [3, B, S] (graph-safe)."""
         return text_cos_sin(position_ids, self._inv_freq, self._axis_of_freq, self.config.text.head_dim, self.dtype)
@@ -319,3 +302,18 @@ class Glm4vForConditionalGeneration(nn.Cell):
     def logits(self, hidden: Tensor) -> Tensor:
         w = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return ops.linear(hidden, w)
+
+
+def load_tp_model(folder: str, tp: int, dtype=None, quantized_weights: str = "auto"):
+    """The single entry point: set up tensor parallelism of size ``tp`` (``init_tensor_parallel``) and load this
+    rank's model from ``folder``. Returns ``(model, ctx)``; with tp == 1 outside msrun it is the ordinary model.
+    Raises ValueError naming the config field when tp does not divide the heads, KV heads or intermediate size."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    check_divisible(Glm4vConfig.from_pretrained(folder).text, tp)  # before any process group is joined
+    ctx = init_tensor_parallel(tp)
+    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=ms.float32 if dtype is None else dtype,
+                                                          quantized_weights=quantized_weights,
+                                                          tensor_parallel=ctx if ctx.enabled else None)
+    return model, ctx

@@ -41,11 +41,11 @@ import numpy as np
 import mindspore as ms
 from safetensors import safe_open
 
-from . import __version__
-from .config import CONVERTED_LAYOUT, LAYOUT_KEY, Glm4vConfig
-from .model import Glm4vForConditionalGeneration
-from .progress import Progress
-from .weights import INDEX_FILE, CheckpointError, check_names, checkpoint_files, read_shapes
+from .._version import __version__
+from ..model.config import CONVERTED_LAYOUT, LAYOUT_KEY, Glm4vConfig
+from ..model.glm4v import Glm4vForConditionalGeneration
+from ..progress import Progress
+from ..model.weights import INDEX_FILE, CheckpointError, check_names, checkpoint_files, read_shapes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 CONFIG_FILE = "config.json"
