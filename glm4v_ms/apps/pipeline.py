@@ -31,10 +31,10 @@ def tiny_model_dir() -> str:
     """Where tiny-random is cached; the name carries a hash of its builders, so a changed builder rebuilds it."""
     import hashlib
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha1()
-    for name in ("tiny.py", "tiny_tokenizer.py"):
-        with open(os.path.join(here, name), "rb") as f:
+    for name in (os.path.join("apps", "tiny.py"), os.path.join("processing", "tiny_tokenizer.py")):
+        with open(os.path.join(pkg, name), "rb") as f:
             h.update(f.read())
     return os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", f"{TINY_RANDOM}-{h.hexdigest()[:10]}")
 
