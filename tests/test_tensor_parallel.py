@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from conftest import record
 from reference import rel_err, max_abs, tiny_config_dict
 from tp_worker import STEPS, eager_greedy, graph_greedy, tp_inputs
-from glm4v_ms import Glm4vForConditionalGeneration, TextConfig
+from glm4v_ms import Glm4vForConditionalGeneration, TextConfig, load_tp_model
 from glm4v_ms.model import ops
 from glm4v_ms.model.kv_cache import KVCache, additive_causal_mask
 from glm4v_ms.model.parallel import (TPContext, TPSplit, check_divisible, init_tensor_parallel,
