@@ -270,3 +270,36 @@ def test_bad_job_settings_are_one_job_error(tiny, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: the job's (command line's) generation settings: temperature "
                                              "must be > 0 when sampling, got 0.0"], r.stderr
+
+
+def test_pdf_as_image_by_url_or_payload_is_refused_when_encoding(tiny, tmp_path):
+    """Images that are not local files are read when the request is encoded: a PDF among them is refused like a
+    local one (data: URI here; http URLs take the same path), and other images reach the processor as bytes."""
+    import base64
+    import io
+
+    from glm4v_ms.apps.batch import parse_request
+    from glm4v_ms.apps.batch.validate import fetch_remote_images
+    from glm4v_ms.processing.media import MediaOptions
+
+    pdf = b"%PDF-1.4\n% not an image\n"
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), "red").save(buf, format="PNG")
+    png_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    req = fetch_remote_images(parse_request({"prompt": "x", "image": [png_uri]}, 0), MediaOptions())
+    assert req.first_image == buf.getvalue() and req.messages[-1]["content"][0]["image"] == buf.getvalue()
+    from glm4v_ms.apps.batch import RequestError
+
+    raw = {"role": "user", "content": [{"type": "image", "base64": base64.b64encode(pdf).decode()},
+                                       {"type": "text", "text": "x"}]}
+    with pytest.raises(RequestError, match="is a PDF document; give it in the 'pdf' field"):
+        fetch_remote_images(parse_request({"messages": [raw]}, 0), MediaOptions())
+
+    pdf_uri = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    _write_lines(tmp_path / "in.jsonl", [{"id": "pdfuri", "prompt": "Read it.", "image": pdf_uri},
+                                         {"id": "png", "prompt": "Colour?", "image": png_uri}])
+    r = run_tool(tmp_path, "--input", "in.jsonl", "--output", "o.jsonl", "--model_name", tiny, *GEN)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    out = by_id(tmp_path / "o.jsonl")
+    assert "is a PDF document; give it in the 'pdf' field" in out["pdfuri"]["error"]
+    assert out["png"]["new_tokens"] >= 1 and out["png"]["boxes_pixels"] == []

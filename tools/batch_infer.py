@@ -16,7 +16,7 @@ prompt with optional image (a path/URL or a list), video, pdf, pdf_pages, pdf_dp
 settings that override the command line's for that request: max_new_tokens, do_sample, temperature, top_k, top_p,
 repetition_penalty, seed, max_thinking_tokens. null means "not given". Relative paths are relative to the working
 directory. Invalid JSON, an unknown field (it is named), a missing or corrupt image, a PDF given as image (use
-pdf), a lone UTF-16 surrogate in the text, a too-long prompt: that line gets an error result, the job goes on.
+pdf; also by URL or data: URI), a lone UTF-16 surrogate in the text, a too-long prompt: that line gets an error result, the job goes on.
 Every line is checked (fields, types, settings, local media files) before the model is loaded: a job of only bad
 lines never loads it, and the log names each invalid request.
 

@@ -209,7 +209,7 @@ def _prompt_messages(obj: Dict) -> Tuple[List[Dict], List[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ media items
-_IMAGE_KEYS = ("image", "url", "path", "base64")
+IMAGE_KEYS = ("image", "url", "path", "base64")
 _VIDEO_KEYS = ("video", "url", "path")
 _DOCUMENT_KEYS = ("document", "pdf", "url", "path")
 
@@ -227,7 +227,7 @@ def media_items(messages: List[Dict]):
         for item in m["content"]:
             kind = item_kind(item)
             kind = "document" if kind == "pdf" else kind
-            keys = {"image": _IMAGE_KEYS, "video": _VIDEO_KEYS, "document": _DOCUMENT_KEYS}.get(kind)
+            keys = {"image": IMAGE_KEYS, "video": _VIDEO_KEYS, "document": _DOCUMENT_KEYS}.get(kind)
             key = next((k for k in keys if k in item), None) if keys else None
             if key is not None:
                 yield kind, key, item[key]

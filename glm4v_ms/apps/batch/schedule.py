@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .requests import Request, RequestError, media_kind
+from .validate import fetch_remote_images
 
 
 @dataclass
@@ -43,6 +44,7 @@ def encode_request(pipe, request: Request, job_settings: Dict) -> Encoded:
     settings to the context as ``Glm4vPipeline.stream`` does, and compute its batching key."""
     from ...processing.media import load_images
 
+    request = fetch_remote_images(request, pipe.processor.media_options)
     settings = dict(job_settings)
     settings.update(request.settings)
     gen = pipe.generation_config(**settings)

@@ -10,12 +10,14 @@ encoding step (with the model's processor): decoding the media, URLs, the prompt
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
+from dataclasses import replace
 from typing import Dict, Iterable, Optional, Tuple
 
-from .requests import Request, RequestError, media_items, parse_request
+from .requests import IMAGE_KEYS, Request, RequestError, item_kind, media_items, parse_request
 
 URL_SCHEMES = ("http://", "https://", "data:")
 
@@ -90,8 +92,12 @@ def check_source(kind: str, key: str, source) -> None:
                            "or a data: URI")
     head = _head_of_file(kind, source, path)
     if kind == "image" and head == b"%PDF-":
-        raise RequestError(f"image {source} is a PDF document; give it in the 'pdf' field (with optional pdf_pages "
-                           "and pdf_dpi), or as a {\"type\": \"document\"} item in 'messages'")
+        raise _pdf_as_image(source)
+
+
+def _pdf_as_image(name: str) -> RequestError:
+    return RequestError(f"image {name} is a PDF document; give it in the 'pdf' field (with optional pdf_pages and "
+                        "pdf_dpi), or as a {\"type\": \"document\"} item in 'messages'")
 
 
 def _head_of_file(kind: str, name: str, path: str) -> bytes:
@@ -125,3 +131,48 @@ def local_files(request: Request) -> Iterable[str]:
                     yield local_path(one)
                 except MediaError:  # a file:// URL on another host: refused by check_source
                     yield None
+
+
+def fetch_remote_images(request: Request, options) -> Request:
+    """The request with its images given as URLs, data: URIs or raw base64 read into bytes (``options``: the
+    processor's MediaOptions): a PDF among them is refused like a local one, and the processor gets the bytes, so
+    nothing is downloaded twice. Runs when the request is encoded (a download is not a cheap check)."""
+    from ...processing.media import describe, is_pdf, read_bytes
+
+    fetched: Dict[str, bytes] = {}
+
+    def fetch(key: str, source: str) -> bytes:
+        if source not in fetched:
+            data = _b64decode(source) if key == "base64" else read_bytes(source, options)
+            if is_pdf(data):
+                raise _pdf_as_image(describe(source))
+            fetched[source] = data
+        return fetched[source]
+
+    messages = []
+    for m in request.messages:
+        if isinstance(m.get("content"), list):
+            m = {**m, "content": [_image_as_bytes(item, fetch) for item in m["content"]]}
+        messages.append(m)
+    first = request.first_image
+    if isinstance(first, str) and first in fetched:
+        first = fetched[first]
+    return replace(request, messages=messages, first_image=first)
+
+
+def _image_as_bytes(item: Dict, fetch) -> Dict:
+    if item_kind(item) != "image":
+        return item
+    key = next((k for k in IMAGE_KEYS if k in item), None)
+    source = item.get(key)
+    if not isinstance(source, str) or not (key == "base64" or source.startswith(URL_SCHEMES)):
+        return item  # a local file: checked before the model loaded
+    rest = {k: v for k, v in item.items() if k not in IMAGE_KEYS}
+    return dict(rest, image=fetch(key, source))
+
+
+def _b64decode(payload: str) -> bytes:
+    try:
+        return base64.b64decode(payload)
+    except ValueError as e:  # binascii.Error
+        raise RequestError(f"image item: invalid base64 payload ({e}); re-encode the file") from None
