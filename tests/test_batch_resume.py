@@ -303,3 +303,38 @@ def test_pdf_as_image_by_url_or_payload_is_refused_when_encoding(tiny, tmp_path)
     out = by_id(tmp_path / "o.jsonl")
     assert "is a PDF document; give it in the 'pdf' field" in out["pdfuri"]["error"]
     assert out["png"]["new_tokens"] >= 1 and out["png"]["boxes_pixels"] == []
+
+
+# ----------------------------------------------------------------------------------------------- digest parts
+def test_digest_ingredients(tiny, tmp_path):
+    """What the digest sees: small files by content (a copy elsewhere is the same), large files by real path, size
+    and mtime; greedy settings without the sampling knobs, sampled ones with the run mode; the model's files."""
+    import shutil
+
+    from glm4v_ms.apps.batch.resume import HASH_BYTES, effective_settings, file_identity
+
+    small = tmp_path / "s.bin"
+    small.write_bytes(b"x" * 100)
+    (tmp_path / "d").mkdir()
+    shutil.copy(small, tmp_path / "d" / "s.bin")
+    assert file_identity(str(small)) == file_identity(str(tmp_path / "d" / "s.bin"))
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"y" * (HASH_BYTES + 1))
+    ident = file_identity(str(big))
+    assert ident[0] == "stat" and ident[2] == HASH_BYTES + 1
+    os.utime(big, ns=(0, ident[3] + 10**9))
+    assert file_identity(str(big)) != ident
+    assert file_identity(str(tmp_path / "nope.png"))[0] == "missing"
+
+    greedy = effective_settings({"do_sample": False, "temperature": 0.5, "top_k": 3, "max_new_tokens": 9}, {}, "graph")
+    assert greedy == {"do_sample": False, "max_new_tokens": 9}
+    sampled = effective_settings({"do_sample": False, "temperature": 0.5}, {"do_sample": True}, "eager")
+    assert sampled == {"do_sample": True, "temperature": 0.5, "mode": "eager"}
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    a = model_identity(str(model), {"dtype": "float32"})
+    assert a == model_identity(str(model), {"dtype": "float32"}) != model_identity(str(model), {"dtype": "bfloat16"})
+    cfg = model / "generation_config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    assert model_identity(str(model), {"dtype": "float32"}) != a
