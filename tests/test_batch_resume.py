@@ -202,6 +202,7 @@ BAD_LINES = ['{"id": "sur", "prompt": "a lone \\ud800 surrogate"}',
              {"id": "empty", "prompt": "x", "image": "empty.png"},
              {"id": "settings", "prompt": "x", "do_sample": True, "temperature": 0},
              {"id": "field", "prompt": "x", "colour": "red"},
+             {"id": "nul", "prompt": "x", "image": "a\u0000.png"},
              '{"id": "json", "prompt": ']
 
 
@@ -230,7 +231,8 @@ def test_only_bad_lines_never_load_the_model(tiny, tmp_path):
     assert "empty.png: file is empty" in err["empty"]
     assert "temperature must be > 0" in err["settings"]
     assert "unknown field 'colour'" in err["field"]
-    assert "invalid JSON" in err[8]
+    assert "cannot read it (embedded null byte)" in err["nul"]
+    assert "invalid JSON" in err[9]
     # the log names each invalid request
     assert "[request 'pdfimg' (line 2): error: image doc.pdf is a PDF document" in r.stderr
     # a rerun reuses the error results (the lines did not change) and loads nothing either

@@ -45,7 +45,7 @@ def file_identity(path: Optional[str]) -> List:
         return ["url"]
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL character in the path
         return ["missing", path]
     if os.path.isfile(path) and st.st_size <= HASH_BYTES:
         try:

@@ -106,8 +106,8 @@ def _head_of_file(kind: str, name: str, path: str) -> bytes:
         st = os.stat(path)
     except FileNotFoundError:
         raise RequestError(f"{kind} {name}: no such file (relative paths are taken from {os.getcwd()})") from None
-    except OSError as e:
-        raise RequestError(f"{kind} {name}: cannot read it ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise RequestError(f"{kind} {name!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     if not stat.S_ISREG(st.st_mode):
         what = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
         raise RequestError(f"{kind} {name}: is {what}; give the path of a file")
