@@ -168,7 +168,8 @@ def test_parse_request_errors():
            "not both": {"prompt": "x", "messages": [{"role": "user", "content": "x"}]},
            "needs 'prompt'": {"image": "x.png"},
            "images and a video": {"prompt": "x", "image": "a.png", "video": "v.mp4"},
-           "must be >= 0": {"prompt": "x", "top_k": -1}}
+           "must be >= 0": {"prompt": "x", "top_k": -1},
+           "'pdf_dpi' must be > 0": {"prompt": "x", "pdf": "a.pdf", "pdf_dpi": -50}}
     for expect, obj in bad.items():
         with pytest.raises(RequestError, match=expect):
             parse_request(obj, 0)

@@ -194,6 +194,8 @@ def _prompt_messages(obj: Dict) -> Tuple[List[Dict], List[str]]:
         raise RequestError("field 'pdf_pages' must be a page range like \"1-3,5\" or a page number")
     if "pdf_dpi" in obj:
         _check_type("pdf_dpi", obj["pdf_dpi"], float)
+        if not obj["pdf_dpi"] > 0:
+            raise RequestError(f"field 'pdf_dpi' must be > 0 (dots per inch; 180 by default), got {obj['pdf_dpi']}")
     if ("pdf_pages" in obj or "pdf_dpi" in obj) and "pdf" not in obj:
         raise RequestError("'pdf_pages' / 'pdf_dpi' need a 'pdf'")
     from ..pipeline import Glm4vPipeline
