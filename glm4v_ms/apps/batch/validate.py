@@ -5,7 +5,8 @@ What is checked here: the line's fields and types (:func:`requests.parse_request
 (a lone UTF-16 surrogate such as ``"\\ud800"`` is valid JSON but not text), the job's generation settings merged
 with the line's, and each local media file: it exists, is a regular readable non-empty file, and an ``image`` is not
 a PDF (a PDF goes in the ``pdf`` field, or a ``document`` item, as generate.py requires). What is left to the
-encoding step (with the model's processor): decoding the media, URLs, the prompt's length against the context.
+encoding step (with the model's processor): decoding the media; images given by URL, data: URI or base64, read
+once by :func:`fetch_remote_images` (which refuses a PDF among them too); the prompt's length against the context.
 """
 
 from __future__ import annotations
