@@ -168,7 +168,8 @@ def test_parse_request_errors():
            "not both": {"prompt": "x", "messages": [{"role": "user", "content": "x"}]},
            "needs 'prompt'": {"image": "x.png"},
            "images and a video": {"prompt": "x", "image": "a.png", "video": "v.mp4"},
-           "must be >= 0": {"prompt": "x", "top_k": -1}}
+           "must be >= 0": {"prompt": "x", "top_k": -1},
+           "'pdf_dpi' must be > 0": {"prompt": "x", "pdf": "a.pdf", "pdf_dpi": -50}}
     for expect, obj in bad.items():
         with pytest.raises(RequestError, match=expect):
             parse_request(obj, 0)
@@ -468,40 +469,44 @@ def tool_main(capsys, *args):
 
 
 @pytest.mark.parametrize("kind", ["missing input", "output folder missing", "output is a folder", "unknown model",
-                                  "input changed"])
+                                  "output not ours"])
 def test_job_errors_one_line(kind, tiny, data, tmp_path, capsys):
-    if kind == "input changed":  # results of an earlier run whose ids no longer match the input
-        (tmp_path / "out.jsonl.parts").mkdir()
-        (tmp_path / "out.jsonl.parts" / "rank-0.jsonl").write_text(json.dumps({"id": "other", "index": 0}) + "\n")
+    if kind == "output not ours":  # an existing file that is not a results file of batch_infer
+        (tmp_path / "out.jsonl").write_text(json.dumps({"id": "other", "index": 0}) + "\n")
     args = {"missing input": ["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.jsonl")],
             "output folder missing": ["--input", str(data / "in.jsonl"), "--output", str(tmp_path / "no" / "o.jsonl")],
             "output is a folder": ["--input", str(data / "in.jsonl"), "--output", str(tmp_path)],
             "unknown model": ["--input", str(data / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                               "--model_name", str(tmp_path / "no-model")],
-            "input changed": ["--input", str(data / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-                              "--model_name", tiny]}[kind]
+            "output not ours": ["--input", str(data / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                                "--model_name", tiny]}[kind]
     code, err = tool_main(capsys, *args)  # in this process: these fail before any model runs
     lines = [l for l in err.splitlines() if l.strip() and not l.startswith("[")]
     assert code == 1, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     expect = {"missing input": "input file not found", "output folder missing": "does not exist",
               "output is a folder": "is a folder", "unknown model": "model folder not found",
-              "input changed": "the input changed"}[kind]
+              "output not ours": "is not a results file of batch_infer"}[kind]
     assert expect in lines[0], lines[0]
 
 
 def test_retry_errors(single, tiny, data, tmp_path):
-    """--retry_errors redoes the requests whose result is an error; a request that now works replaces its error
-    in the merged output, the others keep theirs."""
+    """A request whose missing image has appeared is redone (its media changed); --retry_errors redoes the
+    requests whose result is an error although they did not change. A request that now works replaces its error
+    in the merged output, the others keep theirs. (The copied part files are reused in another folder: the
+    small media files are identified by their content.)"""
     for name in ("in.jsonl", "a.png", "b.png", "broken.png", "v.mp4"):
         shutil.copy(data / name, tmp_path / name)
     shutil.copytree(data / "single.jsonl.parts", tmp_path / "out.jsonl.parts")
-    shutil.copy(data / "a.png", tmp_path / "missing.png")  # the missing image has appeared
     args = ["--input", "in.jsonl", "--output", "out.jsonl", "--model_name", tiny, "--mode", "eager", *GEN]
     r = run_tool(tmp_path, *args)
     assert r.returncode == 0 and "22 done before this run, 0 to do" in r.stderr, r.stderr
+    shutil.copy(data / "a.png", tmp_path / "missing.png")  # the missing image has appeared
+    r = run_tool(tmp_path, *args)
+    assert r.returncode == 0 and "21 done before this run, 1 to do" in r.stderr, r.stderr
+    assert "changed since their earlier result" in r.stderr and "'nofile'" in r.stderr
     r = run_tool(tmp_path, *args, "--retry_errors")
-    assert r.returncode == 0 and "17 done before this run, 5 to do" in r.stderr, r.stderr
+    assert r.returncode == 0 and "18 done before this run, 4 to do" in r.stderr, r.stderr
     out = read_jsonl(tmp_path / "out.jsonl")
     ref = single[0]
     assert [x["index"] for x in out] == [x["index"] for x in ref]

@@ -15,14 +15,18 @@ either messages (Hugging Face chat format; items of type text/image/video/docume
 prompt with optional image (a path/URL or a list), video, pdf, pdf_pages, pdf_dpi, system; and optional generation
 settings that override the command line's for that request: max_new_tokens, do_sample, temperature, top_k, top_p,
 repetition_penalty, seed, max_thinking_tokens. null means "not given". Relative paths are relative to the working
-directory. Invalid JSON, an unknown field (it is named), a missing or corrupt image, a too-long prompt: that line
-gets an error result, the job goes on.
+directory. Invalid JSON, an unknown field (it is named), a missing or corrupt image, a PDF given as image (use
+pdf; also by URL or data: URI), a lone UTF-16 surrogate in the text, a too-long prompt: that line gets an error result, the job goes on.
+Every line is checked (fields, types, settings, local media files) before the model is loaded: a job of only bad
+lines never loads it, and the log names each invalid request.
 
 OUTPUT: one JSON object per input request, in input order: id, index (the 0-based input line), and the keys of
 generate.py --json (thinking, answer, boxes [0-1000], boxes_pixels [pixels of the first image], prompt_tokens,
 new_tokens, prefill_ms, decode_tok_s, thinking_cut_at) plus batch_size and batch_s (the batch's wall seconds);
 prefill_ms is the batch's prefill; decode_tok_s the request's own new tokens per second of decoding. A failed
-request has id, index and error only.
+request has id, index and error. Every line also has request_digest (what it answers, see resuming) and
+"format": "glm4v_ms.batch_infer/2", the mark of this tool's results: an existing --output that is not empty and
+whose first and last lines lack it is refused (one error line) and left untouched.
 
 Batching: each process reads its pending requests in windows of --sort_window, groups them by media kind (images
 and text / video: one forward cannot hold both) and generation settings (greedy requests share batches whatever
@@ -57,12 +61,20 @@ rank 0's log (logs/worker_0.log; --tail_worker_log=0 copies it to the console).
 
 FAILURES AND RESUMING: a killed or preempted process loses at most the batch it was generating. msrun stops the
 whole job when one process dies (it then waits --cluster_time_out seconds, 600 by default, for its scheduler to
-give up). Run the same command again, with any number of cards: requests that have a result in any part file
-(from any earlier world size) are skipped, a result line cut by the kill is removed and its request redone, and the
-rest is shared out again. A request that failed (error result) counts as done; --retry_errors redoes those. A job
-whose requests are all done only writes --output. The .parts folder is the job's state: keep it until --output is
-written; delete it (and --output) to start over. The input must not change between runs (a changed id is an
-error). Errors about the job itself (no input, unwritable output, unknown model) print one "error:" line and exit 1.
+give up). Run the same command again, with any number of cards: requests that have a current result in any part
+file (from any earlier world size) are skipped, a result line cut by the kill is removed and its request redone,
+and the rest is shared out again. A request that failed (error result) counts as done; --retry_errors redoes
+those. A job whose requests are all done only writes --output. The .parts folder is the job's state: keep it until
+--output is written; delete it (and --output) to start over.
+
+EDITING THE INPUT BETWEEN RUNS: a result is reused only for the identical request. Its request_digest covers the
+line (prompt/messages, system, media references, per-line settings, id), each local media file (content when at
+most 64 KiB, else real path + size + mtime; URLs by their string), the generation settings in effect (sampling
+knobs only for sampled requests, with --mode) and the model (folder and its files' sizes and mtimes, --dtype,
+--device, --quantized_weights). A request whose line, media, settings or model changed is recomputed, named in the
+log and counted in the final line; results without a digest (an older version of this tool) are recomputed too.
+Errors about the job itself (no input, unwritable or foreign output, unknown model, unusable generation flags)
+print one "error:" line and exit 1.
 """
 
 import argparse
@@ -168,6 +180,53 @@ def _terminate(*_):
     raise Terminated()
 
 
+def job_options(args):
+    """The job's options. The model folder is resolved (not loaded) by the job after checking the input and the
+    output: its identity is part of each digest."""
+    from glm4v_ms.apps.batch import JobOptions, model_identity
+    from glm4v_ms.apps.pipeline import generation_knobs, resolve_model
+
+    runtime = dict(dtype=args.dtype, device=args.device, quantized_weights=args.quantized_weights)
+    return JobOptions(input=args.input, output=args.output,
+                      model_identity=lambda: model_identity(resolve_model(args.model_name), runtime),
+                      batch_size=args.batch_size, sort_window=args.sort_window, retry_errors=args.retry_errors,
+                      fsync_interval=args.fsync_interval, progress=not args.no_progress,
+                      settings=generation_knobs(args), mode=args.mode,
+                      test_delay=float(os.environ.get("GLM4V_BATCH_TEST_DELAY", "0") or 0))
+
+
+def pipeline_loader(args):
+    """What the job calls to load the model, only when this process has a valid request to run."""
+    def load_pipeline():
+        from glm4v_ms.apps.pipeline import Glm4vPipeline
+
+        tensor_parallel = None
+        if args.tp > 1:
+            from glm4v_ms.model.parallel import init_tensor_parallel
+
+            tensor_parallel = init_tensor_parallel(args.tp)  # already set up: returns this process's context
+        return Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device,
+                                             mode=args.mode, quantized_weights=args.quantized_weights,
+                                             tensor_parallel=tensor_parallel)
+
+    return load_pipeline
+
+
+def run_job(args):
+    """(summary, layout) of this process's part of the job."""
+    from glm4v_ms.apps.batch import BatchJob
+
+    if args.tp > 1:  # a config tp cannot split is a clear error before any process group is joined
+        from glm4v_ms.model.config import Glm4vConfig
+        from glm4v_ms.model.parallel import check_divisible
+        from glm4v_ms.apps.pipeline import resolve_model
+
+        check_divisible(Glm4vConfig.from_pretrained(resolve_model(args.model_name)).text, args.tp)
+    options = job_options(args)
+    layout = distributed_layout(args, tp=args.tp)
+    return BatchJob(options, layout, pipeline_loader(args)).run(), layout
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
@@ -181,41 +240,14 @@ def main(argv=None) -> int:
     # A kill (SIGTERM, e.g. preemption) unwinds like Ctrl-C: the part file is fsync'ed and closed.
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        from glm4v_ms.apps.batch import BatchJob, JobError, JobOptions
+        from glm4v_ms.apps.batch import JobError
         from glm4v_ms.processing.media import MissingDependencyError
         from glm4v_ms.model.weights import CheckpointError
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         return 2
-    from glm4v_ms.apps.pipeline import generation_knobs
-
-    settings = generation_knobs(args)
-    options = JobOptions(input=args.input, output=args.output, batch_size=args.batch_size,
-                         sort_window=args.sort_window, retry_errors=args.retry_errors,
-                         fsync_interval=args.fsync_interval, progress=not args.no_progress, settings=settings,
-                         test_delay=float(os.environ.get("GLM4V_BATCH_TEST_DELAY", "0") or 0))
-
-    def load_pipeline():
-        from glm4v_ms.apps.pipeline import Glm4vPipeline
-
-        tensor_parallel = None
-        if args.tp > 1:
-            from glm4v_ms.model.parallel import init_tensor_parallel
-
-            tensor_parallel = init_tensor_parallel(args.tp)  # already set up: returns this process's context
-        return Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device,
-                                             mode=args.mode, quantized_weights=args.quantized_weights,
-                                             tensor_parallel=tensor_parallel)
-
     try:
-        if args.tp > 1:  # a config tp cannot split is a clear error before any process group is joined
-            from glm4v_ms.model.config import Glm4vConfig
-            from glm4v_ms.model.parallel import check_divisible
-            from glm4v_ms.apps.pipeline import resolve_model
-
-            check_divisible(Glm4vConfig.from_pretrained(resolve_model(args.model_name)).text, args.tp)
-        layout = distributed_layout(args, tp=args.tp)
-        s = BatchJob(options, layout, load_pipeline).run()
+        s, layout = run_job(args)
     except (KeyboardInterrupt, Terminated) as e:
         print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: finished requests are kept in the "
               ".parts folder; run again to resume", file=sys.stderr)
@@ -226,8 +258,9 @@ def main(argv=None) -> int:
         return 1
     if s.get("merged"):
         m = s["merged"]
+        changed = f" ({s['changed']} recomputed because the request changed)" if s.get("changed") else ""
         print(f"wrote {args.output}: {m['requests']} result(s), {m['errors']} error(s); {s['done_before']} done "
-              f"before this run, {s['pending']} in this run over {layout.dp_size} shard(s)", flush=True)
+              f"before this run, {s['pending']} in this run over {layout.dp_size} shard(s){changed}", flush=True)
     return 0
 
 
