@@ -127,8 +127,6 @@ def main(argv=None) -> int:
     try:
         if args.draw_boxes and not args.image:
             raise ValueError("--draw_boxes needs an --image to draw on")
-        if sys.stderr.isatty():  # progress for people; logs and error output stay one line per event
-            print(f"[loading {args.model_name}]", file=sys.stderr)
         if args.demo:
             from glm4v_ms.apps.pipeline import TINY_RANDOM
 
@@ -139,6 +137,8 @@ def main(argv=None) -> int:
                   f"EOS is ignored and the reply opens with <think>, cut after {cut} tokens by a forced "
                   f"</think><answer>: all {args.max_new_tokens} tokens stream. Real models never do this.]",
                   file=sys.stderr)
+        if sys.stderr.isatty():  # progress for people; logs and error output stay one line per event
+            print(f"[loading {args.model_name}]", file=sys.stderr)
         pipe = Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device, mode=args.mode,
                                              quantized_weights=args.quantized_weights, progress=True)
         first_image = load_image(args.image[0]) if args.image else None
