@@ -41,6 +41,10 @@ def parse_args(argv=None):
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object (per turn) instead of streaming text")
     ap.add_argument("--chat", action="store_true", help="multi-turn: one user message per stdin line")
+    ap.add_argument("--demo", action="store_true",
+                    help="tiny-random only (scripts/demo.sh): its EOS is ignored and the reply opens with <think>, cut "
+                         "after half of --max_new_tokens, so the random model streams every requested token through "
+                         "the thinking / answer split")
     ap.add_argument("--draw_boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the first image")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
@@ -57,15 +61,34 @@ def parse_args(argv=None):
     return args
 
 
-def run_turn(pipe, args, messages, first_image):
+def demo_knobs(args):
+    """--demo: the overrides that make tiny-random's random weights show the whole pipeline (never real models)."""
+    return dict(eos_token_id=[], max_thinking_tokens=args.max_thinking_tokens or max(args.max_new_tokens // 2, 1))
+
+
+def stats_line(pipe, result, first: bool) -> str:
+    """Steady-state timings (compiles excluded) and, apart, the one-time work: loading (first turn) and compiles."""
+    s = result.stats
+    line = (f"[{s.prompt_tokens} prompt tokens, prefill {s.prefill_s * 1000:.0f} ms; {s.new_tokens} new tokens, "
+            f"{s.decode_tok_s:.1f} tokens/s")
+    once = [f"load {pipe.load_s:.1f} s"] if first else []
+    if s.compiled:
+        once.append(f"compiled {len(s.compiles)} graph{'s' if len(s.compiles) > 1 else ''} in {s.compile_s:.1f} s")
+    return line + (f"; one-time: {', '.join(once)}, not in the timings]" if once else "]")
+
+
+def run_turn(pipe, args, messages, first_image, first: bool = True):
     from glm4v_ms.apps.pipeline import ChatResult, generation_knobs
 
     result = ChatResult()
     size = first_image.size if first_image is not None else None
     knobs = generation_knobs(args)
+    if args.demo:
+        knobs.update(demo_knobs(args))
     grey, reset = ("\033[90m", "\033[0m") if sys.stdout.isatty() else ("", "")
     last = None
-    for piece in pipe.stream(messages, result, image_size=size, **knobs):
+    for piece in pipe.stream(messages, result, image_size=size, reply_prefix="<think>" if args.demo else "",
+                             **knobs):
         if args.json or (piece.kind == "thinking" and args.hide_thinking):
             continue
         if piece.kind != last and last is not None:
@@ -74,12 +97,10 @@ def run_turn(pipe, args, messages, first_image):
         sys.stdout.flush()
         last = piece.kind
     if args.json:
-        print(json.dumps(result.as_dict(), ensure_ascii=False))
+        print(json.dumps(dict(result.as_dict(), load_s=round(pipe.load_s, 3)), ensure_ascii=False))
     elif last is not None:
         sys.stdout.write(reset + "\n")
-    s = result.stats
-    print(f"[{s.prompt_tokens} prompt tokens, prefill {s.prefill_s * 1000:.0f} ms; {s.new_tokens} new tokens, "
-          f"{s.decode_tok_s:.1f} tokens/s]", file=sys.stderr)
+    print(stats_line(pipe, result, first), file=sys.stderr)
     if args.draw_boxes and first_image is not None:
         from glm4v_ms.runtime.output import draw_boxes
 
@@ -92,6 +113,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no tokenizer length warnings: we check the context
+    os.environ.setdefault("USE_TORCH", "0")  # transformers serves only the tokenizer: skip importing torch (~5 s)
     try:
         from glm4v_ms.processing.media import MediaError, MissingDependencyError, load_image
         from glm4v_ms.apps.pipeline import Glm4vPipeline
@@ -105,10 +127,20 @@ def main(argv=None) -> int:
     try:
         if args.draw_boxes and not args.image:
             raise ValueError("--draw_boxes needs an --image to draw on")
+        if args.demo:
+            from glm4v_ms.apps.pipeline import TINY_RANDOM
+
+            if args.model_name != TINY_RANDOM:
+                raise ValueError(f"--demo is only for the built-in {TINY_RANDOM} model (it ignores EOS)")
+            cut = demo_knobs(args)["max_thinking_tokens"]
+            print(f"[demo: {TINY_RANDOM}'s weights are random, so its text is random. To show the whole pipeline, its "
+                  f"EOS is ignored and the reply opens with <think>, cut after {cut} tokens by a forced "
+                  f"</think><answer>: all {args.max_new_tokens} tokens stream. Real models never do this.]",
+                  file=sys.stderr)
         if sys.stderr.isatty():  # progress for people; logs and error output stay one line per event
             print(f"[loading {args.model_name}]", file=sys.stderr)
         pipe = Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device, mode=args.mode,
-                                             quantized_weights=args.quantized_weights)
+                                             quantized_weights=args.quantized_weights, progress=True)
         first_image = load_image(args.image[0]) if args.image else None
         media = dict(images=args.image, video=args.video, pdf=args.pdf, pdf_pages=args.pdf_pages,
                      pdf_dpi=args.pdf_dpi, system=args.system)
@@ -127,7 +159,7 @@ def main(argv=None) -> int:
                 messages = pipe.messages(text, system=args.system, history=history)
             if not args.json:
                 print(f"\n>>> {text}", file=sys.stderr)
-            result = run_turn(pipe, args, messages, first_image)
+            result = run_turn(pipe, args, messages, first_image, first=i == 0)
             # Earlier turns keep only the answer (the official CLI's rule); media stay in the first user turn.
             history = [m for m in messages if m["role"] != "system"]
             history.append({"role": "assistant", "content": result.answer})

@@ -1,13 +1,21 @@
-"""A small progress bar for long command-line jobs (checkpoint conversion, batch inference).
+"""A small progress bar for long command-line jobs (checkpoint conversion, batch inference, checkpoint loading),
+and a reporter for blocking steps without intermediate progress (graph compiles).
 
     bar = Progress(total=n_bytes, unit="B", desc="converting")
     bar.update(4096, shard="2/6")
     bar.close()
 
+    steps = StepLog("compiling")
+    steps("decode graph for bucket 512")        # compiling decode graph for bucket 512 ...
+    steps("decode graph for bucket 512", 5.3)   # ... done in 5.3 s
+
 Shows count/total, percent, average rate, ETA and any ``key=value`` postfix. With ``unit="B"`` the counts and the rate
 are printed as bytes (kB, MB, GB: powers of 1000). On a terminal the line is redrawn in place with ``\\r`` at most
 10 times a second; on anything else (a log file, a pipe) a plain line is printed at most every 5 seconds, and once
-at the end, so logs stay short.
+at the end, so logs stay short. StepLog completes its line in place on a terminal and prints one line per event
+elsewhere.
+
+This module imports nothing from glm4v_ms, so any layer may take its objects as callbacks.
 """
 
 from __future__ import annotations
@@ -136,6 +144,40 @@ class Progress:
                 self.stream.write("\r" + line[:width] + "\x1b[K" + ("\n" if final else ""))
             else:
                 self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream must not break the job it reports on
+            self.enabled = False
+
+
+class StepLog:
+    """Reports blocking steps that have no intermediate progress (a graph compile): ``log(what)`` when one starts,
+    ``log(what, seconds)`` when it is done (the signature of engine.GraphRunner.compile_listener). On a terminal the
+    start line ``compiling <what> ...`` is completed in place with `` done in 5.3 s``; elsewhere (a log file, a pipe)
+    each event is one line. ``enabled=False`` prints nothing."""
+
+    def __init__(self, verb: str = "", enabled: bool = True, stream: Optional[TextIO] = None):
+        self.verb, self.enabled = verb, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            self.tty = False
+        self._open: Optional[str] = None  # the step whose start line waits for its end (terminal only)
+
+    def __call__(self, what: str, seconds: Optional[float] = None) -> None:
+        if not self.enabled:
+            return
+        text = f"{self.verb} {what}".strip()
+        if seconds is None:
+            line = f"{text} ..." + ("" if self.tty else "\n")
+            self._open = what if self.tty else None
+        elif self._open == what:
+            line, self._open = f" done in {seconds:.1f} s\n", None
+        else:
+            line = ("\n" if self._open else "") + f"{text}: done in {seconds:.1f} s\n"
+            self._open = None
+        try:
+            self.stream.write(line)
             self.stream.flush()
         except (OSError, ValueError):  # a closed or broken stream must not break the job it reports on
             self.enabled = False

@@ -55,7 +55,9 @@ def run(*args, stdin=None):
 
 
 def _stderr_lines(r):
-    return [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("[WARNING]")]
+    """stderr without MindSpore warnings and the progress reports (loading weights, compiling ...)."""
+    progress = ("[WARNING]", "loading weights: ", "compiling ")
+    return [l for l in r.stderr.splitlines() if l.strip() and not l.startswith(progress)]
 
 
 def test_one_image_json(tiny, media):

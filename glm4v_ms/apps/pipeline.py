@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -77,11 +78,14 @@ class ChatResult:
     stats: StepStats = field(default_factory=StepStats)
 
     def as_dict(self) -> Dict:
+        """prefill_ms and decode_tok_s exclude graph compiles: those are in compile_s (compiled: whether this request
+        compiled any graph)."""
         s = self.stats
         return {"thinking": self.thinking, "answer": self.answer,
                 "boxes": [b.as_list() for b in self.boxes], "boxes_pixels": [b.as_list() for b in self.boxes_pixels],
                 "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
                 "prefill_ms": round(s.prefill_s * 1000, 2), "decode_tok_s": round(s.decode_tok_s, 2),
+                "compile_s": round(s.compile_s, 3), "compiled": s.compiled,
                 "thinking_cut_at": s.thinking_cut[0] if s.thinking_cut else -1}
 
 
@@ -113,26 +117,49 @@ class Glm4vPipeline:
     def __init__(self, model, processor, generation_config: GenerationConfig, folder: str, mode: str = "graph"):
         self.model, self.processor, self.gen, self.folder = model, processor, generation_config, folder
         self.mode = mode  # "graph" (compiled decode, sampling on device) or "eager" (PyNative, host sampling)
+        self.load_s = 0.0  # seconds from_pretrained took (model folder, weights, processor)
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: str = "float32", device: str = "CPU",
                         mode: str = "graph", quantized_weights: str = "auto",
-                        tensor_parallel=None) -> "Glm4vPipeline":
-        """``tensor_parallel``: a parallel.TPContext (under msrun) to load this rank's part of the decoder."""
+                        tensor_parallel=None, progress: bool = False) -> "Glm4vPipeline":
+        """``tensor_parallel``: a parallel.TPContext (under msrun) to load this rank's part of the decoder.
+        ``progress``: report on stderr the weights being read (bytes, shard, rate, ETA) and, in graph mode, each
+        graph compile (progress.Progress and progress.StepLog: redrawn on a terminal, one line per event in a log).
+        Silent by default."""
         from ..model import ops
         from ..model.glm4v import Glm4vForConditionalGeneration
         from ..processing.processor import Glm4vProcessor
+        from ..progress import Progress, StepLog
 
+        t0 = time.perf_counter()
         target = ops.set_device(device)
         if target == "CPU" and str(dtype).lower() in ("bfloat16", "bf16"):
             raise ValueError("bfloat16 compute needs an Ascend device (MindSpore has no bf16 matmul on CPU); "
                              "use --dtype float32 on CPU")
         folder = resolve_model(name)
-        model = Glm4vForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, quantized_weights=quantized_weights,
-            tensor_parallel=tensor_parallel if tensor_parallel is not None and tensor_parallel.enabled else None)
+        bars: List[Progress] = []
+
+        def bar(total: int) -> Progress:
+            bars.append(Progress(total, unit="B", desc="loading weights"))
+            return bars[-1]
+
+        try:
+            model = Glm4vForConditionalGeneration.from_pretrained(
+                folder, dtype=dtype, quantized_weights=quantized_weights,
+                tensor_parallel=tensor_parallel if tensor_parallel is not None and tensor_parallel.enabled else None,
+                progress=bar if progress else None)
+        finally:  # after a failure too: the bar's line is finished before the error is printed
+            for b in bars:
+                b.close()
         processor = Glm4vProcessor.from_pretrained(folder)
-        return cls(model, processor, model.generation_config, folder, mode)
+        pipe = cls(model, processor, model.generation_config, folder, mode)
+        if progress and mode == "graph":
+            from ..runtime.engine import graph_runner
+
+            graph_runner(model).compile_listener = StepLog("compiling")
+        pipe.load_s = time.perf_counter() - t0
+        return pipe
 
     # ------------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -159,16 +186,29 @@ class Glm4vPipeline:
         msgs: List[Dict] = [{"role": "system", "content": system}] if system else []
         return msgs + list(history) + [{"role": "user", "content": content}]
 
-    def inputs(self, messages) -> Dict:
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True, return_tensors="np")
+    def inputs(self, messages, reply_prefix: str = "") -> Dict:
+        """The processor's arrays for ``messages``; ``reply_prefix`` (e.g. "<think>") is appended after the
+        generation prompt, as the start of the reply."""
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="np")
+        if reply_prefix:
+            inputs = dict(inputs)
+            ids = np.asarray(inputs["input_ids"])
+            extra = np.asarray(self.processor.tokenizer.encode(reply_prefix, add_special_tokens=False), ids.dtype)
+            inputs["input_ids"] = np.concatenate([ids, np.broadcast_to(extra, (ids.shape[0], len(extra)))], 1)
+            if inputs.get("attention_mask") is not None:
+                mask = np.asarray(inputs["attention_mask"])
+                inputs["attention_mask"] = np.concatenate([mask, np.ones((mask.shape[0], len(extra)), mask.dtype)], 1)
+        return inputs
 
     def generation_config(self, **overrides) -> GenerationConfig:
         return replace(self.gen, **{k: v for k, v in overrides.items() if v is not None})
 
-    def stream(self, messages, result: ChatResult, image_size=None, **overrides) -> Iterator[Piece]:
-        """Yield pieces as they decode; ``result`` is filled in as they come and completed at the end."""
-        inputs = dict(self.inputs(messages))
+    def stream(self, messages, result: ChatResult, image_size=None, reply_prefix: str = "",
+               **overrides) -> Iterator[Piece]:
+        """Yield pieces as they decode; ``result`` is filled in as they come and completed at the end.
+        ``reply_prefix``: text the reply starts with (see ``inputs``)."""
+        inputs = dict(self.inputs(messages, reply_prefix))
         gen = self.generation_config(**overrides)
         ctx = self.model.config.text.max_position_embeddings
         n_prompt = int(np.asarray(inputs["input_ids"]).shape[-1])

@@ -75,7 +75,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str, dtype=ms.float32, quantized_weights: str = "auto",
-                        tensor_parallel=None) -> "Glm4vForConditionalGeneration":
+                        tensor_parallel=None, progress=None) -> "Glm4vForConditionalGeneration":
         """Load a GLM-4.1V folder: as saved by Hugging Face (config.json + model.safetensors or a sharded index), as
         written by tools/convert.py (its config.json carries the layout marker and the tensors are already in our
         layout), or a GPTQ checkpoint (``quantization_config``; int4 / int8 / mixed, see quant.py). Float tensors are
@@ -88,7 +88,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
         ``tensor_parallel`` (a parallel.TPContext with tp_size > 1; see parallel.load_tp_model): build and load only
         this rank's part of the decoder (its block of heads and of the MLP's inner width); everything else is
-        replicated. GPTQ checkpoints are then dequantised ("auto" means "dequantize"; "int" is refused)."""
+        replicated. GPTQ checkpoints are then dequantised ("auto" means "dequantize"; "int" is refused).
+
+        ``progress`` (silent when None): ``progress(total_bytes)`` returns an object told of each tensor read, e.g.
+        ``lambda n: glm4v_ms.progress.Progress(n, unit="B", desc="loading")`` (see weights.load_weights)."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"model folder not found: {folder}")
@@ -109,7 +112,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         quantized, zero_offset = model._plan_quantized(folder, keep_int, split)
         # A converted folder already stores the decoder's q/k rows in the half rotary layout: never permute twice.
         load_weights(model, folder, ignore=ignore, transform=None if config.converted else model.checkpoint_transform,
-                     quantized=quantized, zero_offset=zero_offset, split=split)
+                     quantized=quantized, zero_offset=zero_offset, split=split, progress=progress)
         # Static defaults of the checkpoint (like HF's model.generation_config); not per-request state.
         model.generation_config = GenerationConfig.from_pretrained(folder, text_config=config.text)
         return model
@@ -188,7 +191,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
                               video_end_token_id=c.video_end_token_id,
                               spatial_merge_size=c.vision.spatial_merge_size)
 
-    def _features(self, pixel_values, grid, what: str, n_tokens: int, return_stages: bool, graph: bool = False):
+    def _features(self, pixel_values, grid, what: str, n_tokens: int, return_stages: bool, graph=False):
         self.visual.check_inputs(tuple(pixel_values.shape), grid, f"{what} pixel values")
         merge2 = self.config.vision.spatial_merge_size ** 2
         n_feat = int(np.prod(grid, axis=1).sum()) // merge2
@@ -199,9 +202,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return self.visual(pixel_values, grid, return_stages=return_stages, graph=graph)
 
     def embed(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None, return_stages: bool = False, graph: bool = False):
+              video_grid_thw=None, return_stages: bool = False, graph=False):
         """Token embeddings with the vision features written into the <|image|> slots (batch-major order).
-        ``graph``: run the ViT's block stack as a compiled graph (engine.py's prefill)."""
+        ``graph``: run the ViT's block stack as a compiled graph (engine.py's prefill passes a callable that runs
+        it, see vision.Glm4vVisionModel.construct)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         emb = self.language_model.embed_tokens(Tensor(ids.astype(np.int32)))
         stages: Dict[str, Any] = {}

@@ -203,10 +203,11 @@ class Glm4vVisionModel(nn.Cell):
             x = blk(x, cos, sin, segments)
         return x
 
-    def construct(self, pixel_values, grid_thw, return_stages: bool = False, graph: bool = False):
+    def construct(self, pixel_values, grid_thw, return_stages: bool = False, graph=False):
         """pixel_values: [sum(t*h*w), C*T*P*P]; grid_thw: host [items, 3] in patches (a video row (T, h, w) may be
         given as is: each temporal group is its own attention segment). ``graph``: run the block stack as a graph
-        compiled per grid. Returns merged features
+        compiled per grid (or a callable ``graph(fn, what, *args)`` that runs the compiled ``fn`` on ``args``:
+        engine.py passes one to time compiles). Returns merged features
         [sum(t*h*w) / merge^2, out_hidden], or (features, stages) with the intermediate hidden states."""
         grid = np.asarray(ops.to_numpy(grid_thw), dtype=np.int64).reshape(-1, 3)
         self.check_inputs(pixel_values.shape, grid)
@@ -223,7 +224,12 @@ class Glm4vVisionModel(nn.Cell):
         if graph and not return_stages:
             if self.__dict__.get("_blocks_graph") is None:  # compiled per grid (segment bounds are constants)
                 self.__dict__["_blocks_graph"] = ms.jit(self._run_blocks)
-            x = self.__dict__["_blocks_graph"](x, cos, sin, tuple(segments))
+            fn, args = self.__dict__["_blocks_graph"], (x, cos, sin, tuple(segments))
+            if callable(graph):  # the caller runs it (engine.py: times the compile of a new grid)
+                what = "vision graph for grid " + ", ".join("x".join(str(int(v)) for v in row) for row in grid)
+                x = graph(fn, what, *args)
+            else:
+                x = fn(*args)
         else:
             blocks = []
             for blk in self.blocks:

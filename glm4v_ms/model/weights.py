@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+import struct
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import ml_dtypes  # noqa: F401  (registers numpy bfloat16 so safetensors can read BF16 tensors)
 import numpy as np
@@ -90,6 +91,20 @@ def iter_tensors(files: Dict[str, str], names: List[str]) -> Iterator[Tuple[str,
                     yield k, f.get_tensor(k)
 
 
+def tensor_nbytes(files: Dict[str, str]) -> Dict[str, int]:
+    """tensor name -> bytes it takes in its file, from the safetensors headers (8-byte length, then JSON with each
+    tensor's data_offsets); the files were already opened by read_shapes, so their headers are valid."""
+    out: Dict[str, int] = {}
+    for path, keys in _group_by_file(files).items():
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for k in keys:
+            start, end = header[k]["data_offsets"]
+            out[k] = end - start
+    return out
+
+
 def _fmt(names: List[str], limit: int = 8) -> str:
     names = sorted(names)
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -126,7 +141,8 @@ def _cast(name: str, arr: np.ndarray, target) -> np.ndarray:
 
 def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
                  transform: Optional[Callable[[str, np.ndarray], np.ndarray]] = None,
-                 quantized: Optional[Dict[str, tuple]] = None, zero_offset: int = 1, split=None) -> None:
+                 quantized: Optional[Dict[str, tuple]] = None, zero_offset: int = 1, split=None,
+                 progress: Optional[Callable[[int], Any]] = None) -> None:
     """Set every parameter of ``model`` from the checkpoint in ``folder`` (strict).
 
     ``ignore``: checkpoint keys that may be present and are not used (e.g. ``lm_head.weight`` of a tied model);
@@ -138,7 +154,9 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
     ``zero_offset``: added to stored GPTQ zeros (1 for the v1 format).
     ``split`` (tensor parallelism, parallel.TPSplit): the model holds one rank's part of some tensors; names and
     shapes are checked against the full model (``split.full_shape``) and each full tensor, after ``transform``, is
-    cut to the rank's part (``split.take``)."""
+    cut to the rank's part (``split.take``).
+    ``progress(total_bytes)``, if given, returns an object with ``update(n_bytes, shard="i/n")`` and ``close()``
+    (e.g. progress.Progress): it is told the bytes of each tensor read, and closed at the end."""
     from . import quant
 
     quantized = quantized or {}
@@ -176,14 +194,27 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
         p.set_data(Tensor(np.ascontiguousarray(arr)))
 
     plain = [k for k in expected if k in shapes]
+    quant_keys = [f"{m}.{key}" for m in quantized for key in quant.QUANT_KEYS if f"{m}.{key}" in files]
+    bar = None
+    if progress is not None:
+        nbytes = tensor_nbytes({k: files[k] for k in plain + quant_keys})
+        shard = {path: i + 1 for i, path in enumerate(_group_by_file(files))}
+        bar = progress(sum(nbytes.values()))
+
+    def advance(name: str) -> None:
+        if bar is not None:
+            bar.update(nbytes[name], shard=f"{shard[files[name]]}/{len(shard)}")
+
     for name, arr in iter_tensors(files, plain):
         put(name, arr)
+        advance(name)
     for m, (spec, keep_int, _, _) in quantized.items():
         raw = {}
         for key in quant.QUANT_KEYS:
             if f"{m}.{key}" in files:
                 with safe_open(files[f"{m}.{key}"], framework="numpy") as f:
                     raw[key] = f.get_tensor(f"{m}.{key}")
+                advance(f"{m}.{key}")
         qt = quant.read_module(m, spec, raw, zero_offset)
         if not keep_int:
             put(f"{m}.weight", qt.dequantize())
@@ -202,3 +233,5 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
             params[f"{m}.weight"].set_data(Tensor(quant.pack_int4_pairs(w), dtype=params[f"{m}.weight"].dtype))
         else:
             params[f"{m}.weight"].set_data(Tensor(w))
+    if bar is not None:
+        bar.close()

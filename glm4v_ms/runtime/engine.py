@@ -21,15 +21,27 @@ MindSpore 2.10 ("flatten tensor not supported"), flat arguments do not.
 
 The runner holds compiled graphs (an execution artifact of one model), never request state: the cache, the
 positions and the sampler state are per request (:class:`GraphSession`).
+
+Compiles are one-time work and are accounted for apart from steady state. The first call of a graph with a new
+signature (what MindSpore keys its graph cache on: tensor shapes and dtypes, Parameter identities, constant values)
+compiles it: that call is timed on its own, reported to ``GraphRunner.compile_listener``, added to the request's
+``compile_s``, and then made again, so the request's timings (generation.StepStats) measure the compiled graph at
+steady state. Repeating a call is harmless because every graph call is idempotent: it writes the same cache
+positions with the same values and samples from the same uniforms. (MindSpore's ``MS_DEV_PRECOMPILE_ONLY`` compiles
+only the frontend graph; the backend still compiles at the first run, so it cannot separate the two.) The prefill
+also runs the first decode step's graph once on stand-ins (a copy of the penalty state, position ``S`` that the real
+first step overwrites before reading it), so a streamed answer does not stall after its first token.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import threading
+import time
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, mint, nn, ops as msops
+from mindspore import Parameter, Tensor, mint, nn, ops as msops
 
 from ..model import ops
 from ..model.kv_cache import KVCache, mask_fill, write_index
@@ -39,8 +51,31 @@ from .sampling import device_next_tokens
 _SCATTER = msops.ScatterNdUpdate()
 
 
+# The engine's graph calls hold this lock: a compile is timed alone, not against another thread's graph run.
+_GRAPH_LOCK = threading.Lock()
+
+# (what, None) when a compile starts; (what, seconds) when it is done. what: e.g. "decode graph for bucket 512".
+CompileListener = Callable[[str, Optional[float]], None]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def graph_signature(args) -> tuple:
+    """What MindSpore keys a compiled graph on: each tensor's shape and dtype, each Parameter's identity (a compiled
+    graph is bound to its Parameters), the value of every other (constant) argument."""
+    out = []
+    for a in args:
+        if isinstance(a, Parameter):
+            out.append(("parameter", id(a)))
+        elif isinstance(a, Tensor):
+            out.append((tuple(a.shape), str(a.dtype)))
+        elif isinstance(a, (tuple, list)):
+            out.append(graph_signature(a))
+        else:
+            out.append(a)
+    return tuple(out)
 
 
 class _Prefill(nn.Cell):
@@ -115,10 +150,33 @@ class GraphRunner:
         self.prefill_bucket = prefill_bucket
         self.min_decode_bucket = next_pow2(min_decode_bucket)
         self._prefill_cell, self._decode_cell = _Prefill(model), _Decode(model)
-        self.prefill_graph = ms.jit(self._prefill_cell.construct)
-        self.decode_graph = ms.jit(self._decode_cell.construct)
+        # compiling calls go through _jit, the request's own calls through the attributes (tests wrap those)
+        self._jit = {"prefill": ms.jit(self._prefill_cell.construct), "decode": ms.jit(self._decode_cell.construct)}
+        self.prefill_graph, self.decode_graph = self._jit["prefill"], self._jit["decode"]
         self.shapes_seen: Dict[str, set] = {"prefill": set(), "decode": set()}  # which static shapes ran
         self._free: Dict[tuple, list] = {}  # (batch, max_len) -> cache buffers not in use
+        self._compiled: set = set()  # (graph kind, graph_signature) of every graph compiled so far
+        self.compile_listener: Optional[CompileListener] = None  # told when a compile starts and ends
+
+    def ensure_compiled(self, kind: str, what: str, fn, args) -> float:
+        """Unless graph ``kind`` is compiled for ``args``' signature: call ``fn`` (its mindspore.jit function) on
+        ``args`` once, which compiles it, and return the seconds of that call (else 0.0). The call runs the graph, so
+        ``args`` must be safe to run (every graph call of a session is idempotent)."""
+        key = (kind, graph_signature(args))
+        if key in self._compiled:
+            return 0.0
+        if self.compile_listener is not None:
+            self.compile_listener(what, None)
+        t0 = time.perf_counter()
+        with _GRAPH_LOCK:
+            out = fn(*args)
+            for t in out if isinstance(out, tuple) else (out,):  # wait for the device: read the (small) outputs
+                t.asnumpy()
+        seconds = time.perf_counter() - t0
+        self._compiled.add(key)
+        if self.compile_listener is not None:
+            self.compile_listener(what, seconds)
+        return seconds
 
     def prefill_len(self, prompt_len: int) -> int:
         """The prompt's bucket: a multiple of max(prefill_bucket, 2^(floor(log2 S) - 3)), i.e. 8 buckets per
@@ -181,6 +239,31 @@ class GraphSession:
         self.delta: Optional[Tensor] = None
         self.return_logits = False
         self.last_logits: Optional[np.ndarray] = None
+        self.max_new_tokens = gen.max_new_tokens
+        self.compile_s = 0.0  # seconds of graph compiles in this request (one-time work, not steady state)
+        self.compiles: List[str] = []  # what was compiled, e.g. "decode graph for bucket 256"
+
+    def _compile(self, kind: str, what: str, fn, args) -> None:
+        seconds = self.runner.ensure_compiled(kind, what, fn, args)
+        if seconds:
+            self.compile_s += seconds
+            self.compiles.append(what)
+
+    def _run(self, kind: str, what: str, fn, run, args):
+        """``run(*args)``; when that compiles graph ``fn`` first, the compiling call is made and timed apart."""
+        self._compile(kind, what, fn, args)
+        with _GRAPH_LOCK:
+            return run(*args)
+
+    def _vision(self, fn, what, *args):  # model.embed(graph=...) runs the ViT's block stack through this
+        return self._run("vision", what, fn, fn, args)
+
+    def _step_args(self, tokens, start: int, cache: KVCache, uniforms: Tensor, seen: Optional[Tensor] = None):
+        kv_len = self.runner.decode_bucket(start, cache.max_len)
+        ids = Tensor(np.asarray(tokens, np.int32).reshape(self.batch, 1))
+        seen = self.seen if seen is None else seen
+        return kv_len, (ids, Tensor(start, ms.int32), self.delta, self.key_mask, seen, uniforms, *self.knobs,
+                        kv_len, self.spec, self.return_logits, *cache.tensors)
 
     def _uniforms(self) -> Tensor:
         if self.greedy:  # unused by the graph; one constant per request, not a new tensor per step
@@ -211,7 +294,7 @@ class GraphSession:
                              "(allocate it with GraphRunner.cache_len)")
         cache.begin(s, mask)
         embeds, _ = m.embed(ids, inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                            inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"), graph=True)
+                            inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"), graph=self._vision)
         grid_i = None if inputs.get("pixel_values") is None else inputs.get("image_grid_thw")
         grid_v = None if inputs.get("pixel_values_videos") is None else inputs.get("video_grid_thw")
         pos, deltas = m.rope_index(ids, ops.to_numpy(grid_i), ops.to_numpy(grid_v), mask)
@@ -231,11 +314,19 @@ class GraphSession:
         self.delta = Tensor(deltas.reshape(-1).astype(np.int32))
         causal_only = mask is None or bool(mask.all())
         self.runner.shapes_seen["prefill"].add((b, sb))
-        out = self.runner.prefill_graph(embeds, Tensor(pos), Tensor(km), Tensor(s - 1, ms.int32), self.seen,
-                                        self._uniforms(), *self.knobs, causal_only, self.spec, self.return_logits,
-                                        *cache.tensors)
+        args = (embeds, Tensor(pos), Tensor(km), Tensor(s - 1, ms.int32), self.seen, self._uniforms(), *self.knobs,
+                causal_only, self.spec, self.return_logits, *cache.tensors)
+        out = self._run("prefill", f"prefill graph for bucket {sb}" + (f" (batch {b})" if b > 1 else ""),
+                        self.runner._jit["prefill"], self.runner.prefill_graph, args)
         cache.commit(s)
+        if self.max_new_tokens > 1:  # compile the first step's decode graph now, on stand-ins (see the module doc)
+            stand_in = self._dummy if self.greedy else Tensor(np.full((b, self.n_uniform), 0.5, np.float32))
+            kv_len, step = self._step_args(np.zeros(b, np.int32), s, cache, stand_in, seen=Tensor(seen.copy()))
+            self._compile("decode", self._decode_what(kv_len), self.runner._jit["decode"], step)
         return self._read(out)
+
+    def _decode_what(self, kv_len: int) -> str:
+        return f"decode graph for bucket {kv_len}" + (f" (batch {self.batch})" if self.batch > 1 else "")
 
     def close(self, cache: KVCache) -> None:
         self.runner.close_cache(cache)
@@ -243,11 +334,9 @@ class GraphSession:
     def step(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """Feed one token per row ([B]) and return the next ([B] int64)."""
         start = cache.begin(1, None)
-        kv_len = self.runner.decode_bucket(start, cache.max_len)
+        kv_len, args = self._step_args(tokens, start, cache, self._uniforms())
         self.runner.shapes_seen["decode"].add((self.batch, kv_len))
-        ids = Tensor(np.asarray(tokens, np.int32).reshape(self.batch, 1))
-        out = self.runner.decode_graph(ids, Tensor(start, ms.int32), self.delta, self.key_mask, self.seen,
-                                       self._uniforms(), *self.knobs, kv_len, self.spec, self.return_logits,
-                                       *cache.tensors)
+        out = self._run("decode", self._decode_what(kv_len), self.runner._jit["decode"], self.runner.decode_graph,
+                        args)
         cache.commit(1)
         return self._read(out)

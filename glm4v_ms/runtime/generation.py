@@ -30,11 +30,20 @@ class ThinkingTokens:
 
 @dataclass
 class StepStats:
+    """Timings of one request. Graph compiles are one-time work: their seconds are in ``compile_s`` (and what was
+    compiled in ``compiles``), and ``prefill_s`` / ``decode_s`` exclude them, so they measure the steady state."""
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     thinking_cut: List[int] = field(default_factory=list)  # step at which each row's thinking was cut
+    compile_s: float = 0.0
+    compiles: List[str] = field(default_factory=list)  # e.g. ["prefill graph for bucket 128", ...]
+
+    @property
+    def compiled(self) -> bool:
+        """True when this request compiled a graph (its first request of a new shape)."""
+        return bool(self.compiles)
 
     @property
     def decode_tok_s(self) -> float:
@@ -59,6 +68,7 @@ class EagerSession:
         self.rng = np.random.default_rng(request_seed(model, gen.seed, gen.do_sample))
         self.seen: Optional[np.ndarray] = None
         self.last_logits: Optional[np.ndarray] = None
+        self.compile_s, self.compiles = 0.0, []  # PyNative compiles nothing (engine.GraphSession does)
 
     def _sample(self, out) -> np.ndarray:
         self.last_logits = out.logits.asnumpy()[:, -1].astype(np.float32)
@@ -117,9 +127,12 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
     eos = np.asarray(gen.eos_token_id or [], dtype=np.int64)
 
     try:
+        # Compile seconds (graph mode: first call of a new shape) are one-time work, kept apart from the timings.
+        stats.compile_s, stats.compiles = 0.0, session.compiles
         t0 = time.perf_counter()
         tok = session.prefill(inputs, cache)
-        stats.prefill_s = time.perf_counter() - t0
+        stats.prefill_s = time.perf_counter() - t0 - session.compile_s
+        stats.compile_s = prefill_compile = session.compile_s
         t0 = time.perf_counter()
 
         unfinished = np.ones(b, dtype=bool)
@@ -149,7 +162,9 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
                             inside[r] = False
                             stats.thinking_cut[r] = step + 1
             stats.new_tokens = step + 1
-            stats.decode_s = time.perf_counter() - t0  # kept current: a consumer may stop early (EOS in a stream)
+            # kept current: a consumer may stop early (EOS in a stream)
+            stats.compile_s = session.compile_s
+            stats.decode_s = time.perf_counter() - t0 - (session.compile_s - prefill_compile)
             yield tok
             if len(eos):
                 unfinished &= ~np.isin(tok, eos)
