@@ -79,9 +79,23 @@ def set_fused(on: bool, any_dtype: bool = False) -> None:
     _FUSED["on"], _FUSED["any_dtype"] = bool(on), bool(any_dtype)
 
 
+# MindSpore's configuration of the Ascend fast path, applied by set_device("Ascend"): every entry point that runs on
+# Ascend (generate.py, pipeline.load, tools/batch_infer.py, the library via glm4v_ms.set_device) and
+# tools/ascend_check.py, which validates it on a device, run the same one: jit_level "O0" and infer_boost "on"
+# (MindSpore 2.10's set_context(jit_config=...); 2.10 logs that infer_boost there is deprecated and still applies
+# it). Not verified on an NPU here: tools/ascend_check.py is the check.
+ASCEND_JIT_CONFIG = {"jit_level": "O0", "infer_boost": "on"}
+
+
+def apply_ascend_config() -> None:
+    """Set ASCEND_JIT_CONFIG in MindSpore's context (global, before any graph is compiled)."""
+    ms.set_context(jit_config=dict(ASCEND_JIT_CONFIG))
+
+
 def set_device(target: str = "CPU", device_id: Optional[int] = None) -> str:
     """Select the MindSpore backend once per process. ``target`` is ``"CPU"`` or ``"Ascend"``; ``device_id``
-    (Ascend) defaults to ``$DEVICE_ID`` (msrun exports each worker's local rank there), else 0.
+    (Ascend) defaults to ``$DEVICE_ID`` (msrun exports each worker's local rank there), else 0. On Ascend it also
+    applies ``ASCEND_JIT_CONFIG``.
 
     On CPU, PyNative runs synchronously: asynchronous launches on 2 cores are ~10x slower and report errors at
     the wrong op (measured: 1.0 s vs 80 ms for a 32-layer tiny stack).
@@ -102,6 +116,8 @@ def set_device(target: str = "CPU", device_id: Optional[int] = None) -> str:
                          "MindSpore with CANN, or use the CPU device") from None
     if target == "CPU":
         ms.runtime.launch_blocking()
+    else:
+        apply_ascend_config()
     set_fused(target == "Ascend")
     _DEVICE["target"] = target
     return target
