@@ -3,8 +3,8 @@ docstrings of mindspore.ops.flash_attention_score, fused_infer_attention_score, 
 rotary_position_embedding, swiglu; MindSpore's WeightQuantBatchMatmul type inference
 (mindspore/ops/infer/ops_func_impl/weight_quant_batch_matmul.cc) and CANN's aclnnWeightQuantBatchMatmulV2 page
 (hicann/ops-nn, matmul/weight_quant_batch_matmul_v2/docs) for the weight-quant matmul). They stand in for the
-kernels in tests (PyNative only): ``simulated_kernels()`` puts them into ``glm4v_ms.model.ops.KERNELS`` and switches the
-fused path on.
+kernels in tests (PyNative only): ``simulated_kernels()`` puts them into ``glm4v_ms.model.ops.KERNELS`` and
+switches the fused path on.
 
 Documented constraints are enforced: layouts, the 2048 x 2048 compressed causal mask for sparse modes 2/3,
 cumulative actual_seq lengths in TND, N2 dividing N1, D a multiple of 16, the rotary kernel's cos layouts and its

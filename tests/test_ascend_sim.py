@@ -326,9 +326,10 @@ def test_fused_batch_of_16_with_one_kv_head_equals_eager(aligned_model):
     through the kernel models, greedy tokens equal to the eager path."""
     assert aligned_model.config.text.num_key_value_heads == 1
     ids = np.random.default_rng(24).integers(10, 250, size=(16, 7))
-    want = aligned_model.generate(input_ids=ids, max_new_tokens=3, eos_token_id=[], do_sample=False, mode="eager")
+    want = generate(aligned_model, input_ids=ids, max_new_tokens=3, eos_token_id=[], do_sample=False, mode="eager")
     with ascend_sim.simulated_kernels() as calls:
-        got = aligned_model.generate(input_ids=ids, max_new_tokens=3, eos_token_id=[], do_sample=False, mode="eager")
+        got = generate(aligned_model, input_ids=ids, max_new_tokens=3, eos_token_id=[], do_sample=False,
+                       mode="eager")
     np.testing.assert_array_equal(got, want)
     rot = [c for c in calls if c["kernel"] == "rotary_position_embedding"]
     assert rot and all(c["x"][2] == 3 for c in rot)  # 2 query heads + 1 KV head, rotated together

@@ -199,7 +199,7 @@ def test_integer_weights_through_the_simulated_weight_quant_kernel(ref_models, t
 def _layer_with_bias(bits, act_order, dtype, seed):
     """A QuantLinear (built with the fused path on, so int4 is qint4x2) with random integer weights, scales,
     offsets, a bias and optionally an act-order permutation; returns it and a numpy reference y(x)."""
-    from glm4v_ms.quant import GPTQSpec
+    from glm4v_ms.model.quant import GPTQSpec
     from mindspore import Tensor
 
     rng = np.random.default_rng(seed)

@@ -61,7 +61,7 @@ def test_set_device_ascend_applies_the_checked_configuration(monkeypatch):
     glm4v_ms.set_device("Ascend") (used by generate.py, the pipeline, batch jobs and ascend_check) applies
     ops.ASCEND_JIT_CONFIG. MindSpore's device calls are stubbed: no NPU here."""
     import mindspore as ms
-    from glm4v_ms import ops
+    from glm4v_ms.model import ops
     seen = {}
     monkeypatch.setattr(ms, "set_device", lambda *a, **k: None)
     monkeypatch.setattr(ms, "set_context", lambda **k: seen.update(k))

@@ -2,8 +2,9 @@
 
     python tools/ascend_check.py [--device_id 0] [--tokens 32] [--model /models/GLM-4.1V-9B-Thinking]
 
-On a tiny random model (head dims the kernels accept), on the device, with the MindSpore configuration
-``glm4v_ms.set_device("Ascend")`` sets for every user (generate.py, the pipeline, batch jobs: ``ops.ASCEND_JIT_CONFIG``):
+On a tiny random model (head dims the kernels accept), on the device, with the MindSpore configuration that
+``glm4v_ms.set_device("Ascend")`` sets for every user (generate.py, the pipeline, batch jobs:
+``glm4v_ms.model.ops.ASCEND_JIT_CONFIG``):
 1. reference: fp32, eager (PyNative), fused kernels off: the math verified against transformers on CPU;
 2. fast path: bf16, fused kernels on (flash_attention_score TND / causal, fused_infer_attention_score, rms_norm,
    rotary_position_embedding, swiglu), graph-mode prefill and decode;
@@ -145,8 +146,8 @@ def padded_batch_errors(ms, model, n: int) -> dict:
     PyNative (every layer's output finite at every position, padding included, since those become the next layer's
     keys and values; each row's logits equal to the row run alone) and as the compiled graph users run (prefill
     logits of each row equal to the row alone; the batch's decode logits finite for n - 1 steps)."""
-    from glm4v_ms.engine import GraphSession, graph_runner
-    from glm4v_ms.generation import GenerationConfig
+    from glm4v_ms.runtime.engine import GraphSession, graph_runner
+    from glm4v_ms.runtime.generation import GenerationConfig
 
     rows = [prompt(1, 5, 6), prompt(1, 2, 3)]
     lens = [r["input_ids"].shape[1] for r in rows]
@@ -190,7 +191,7 @@ def rotary_tp_errors(ms, dtype, fused: bool) -> dict:
     """The decoder's rotary call (ops.rotary_qk) with the shapes of a tensor-parallel rank of GLM-4.1V-9B: 16 query
     heads and one KV head of 128, batch 16, a decode step (S = 1) and a prefill (S = 8), against numpy."""
     from mindspore import Tensor
-    from glm4v_ms import ops
+    from glm4v_ms.model import ops
 
     ops.set_fused(fused)
     rng = np.random.default_rng(3)
