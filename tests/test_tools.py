@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,9 +23,52 @@ def test_ascend_check_says_it_needs_an_npu():
 def test_ascend_check_dry_run_on_cpu():
     p = _run("tools/ascend_check.py", "--allow_cpu", "--tokens", "4")
     assert p.returncode == 0, p.stderr[-2000:]
-    for stage in ("vision.features", "prefill.logits", "decode.logits", "memory bandwidth", "tokens/s"):
-        assert stage in p.stdout
-    assert "FAILED" not in p.stdout and "4/4" in p.stdout
+    for stage in ("vision.features", "prefill.logits", "decode.logits", "memory bandwidth", "tokens/s",
+                  "weight_quant int4 group 128 bias act-order", "weight_quant int8 group 128 bias",
+                  "padded.eager hidden states finite", "padded.eager row 1 logits", "padded.graph row 0 prefill logits",
+                  "padded.graph decode logits finite", "rotary B16 kv-heads 1 S1", "rotary B16 kv-heads 1 S8"):
+        assert stage in p.stdout, stage
+    assert "FAILED" not in p.stdout + p.stderr and "4/4" in p.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tokens", "1"], "--tokens is 1: it must be at least 2"),
+    (["--tokens", "0"], "--tokens is 0: it must be at least 2"),
+    (["--model", "/nonexistent/folder"], "--model /nonexistent/folder: not a checkpoint folder"),
+])
+def test_ascend_check_bad_arguments_end_in_one_line(args, needle):
+    p = _run("tools/ascend_check.py", "--allow_cpu", *args, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {needle}"), p.stderr
+
+
+def test_ascend_check_names_every_failed_check(monkeypatch, capsys):
+    """A check above its tolerance (here: every tolerance set below zero) makes the tool exit 1 and name them all."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ascend_check", os.path.join(ROOT, "tools", "ascend_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "TOLERANCE", {k: -1.0 for k in mod.TOLERANCE})
+    monkeypatch.setattr(mod, "bandwidth_gb_s", lambda ms, size_mb=1024: 1.0)
+    assert mod.main(["--allow_cpu", "--tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("FAILED: vision.features, prefill.logits, decode.logits, weight_quant int4 group 128")
+    assert "padded.graph row 1 prefill logits" in err and "rotary B16 kv-heads 1 S8" in err
+
+
+def test_set_device_ascend_applies_the_checked_configuration(monkeypatch):
+    """The MindSpore configuration tools/ascend_check.py validates is the one every entry point gets:
+    glm4v_ms.set_device("Ascend") (used by generate.py, the pipeline, batch jobs and ascend_check) applies
+    ops.ASCEND_JIT_CONFIG. MindSpore's device calls are stubbed: no NPU here."""
+    import mindspore as ms
+    from glm4v_ms.model import ops
+    seen = {}
+    monkeypatch.setattr(ms, "set_device", lambda *a, **k: None)
+    monkeypatch.setattr(ms, "set_context", lambda **k: seen.update(k))
+    monkeypatch.setitem(ops._DEVICE, "target", None)
+    monkeypatch.setattr(ops, "_FUSED", dict(ops._FUSED))
+    assert ops.set_device("Ascend", 0) == "Ascend"
+    assert seen == {"jit_config": {"jit_level": "O0", "infer_boost": "on"}} and ops.fused()
 
 
 def test_bench_json_on_the_tiny_config():

@@ -2,15 +2,22 @@
 
     python tools/ascend_check.py [--device_id 0] [--tokens 32] [--model /models/GLM-4.1V-9B-Thinking]
 
-On a tiny random model (head dims the kernels accept), on the device:
+On a tiny random model (head dims the kernels accept), on the device, with the MindSpore configuration that
+``glm4v_ms.set_device("Ascend")`` sets for every user (generate.py, the pipeline, batch jobs:
+``glm4v_ms.model.ops.ASCEND_JIT_CONFIG``):
 1. reference: fp32, eager (PyNative), fused kernels off: the math verified against transformers on CPU;
 2. fast path: bf16, fused kernels on (flash_attention_score TND / causal, fused_infer_attention_score, rms_norm,
    rotary_position_embedding, swiglu), graph-mode prefill and decode;
 and reports per stage the relative error of the fast path (vision features, prefill logits, each decode step's
-logits) and how many greedy tokens agree; then a device memory-bandwidth microbenchmark and decode tokens/s (of
-``--model`` if given, else of the tiny model). Exits 1 if an error is above its tolerance (bf16 vs fp32:
-vision features 3e-2, logits 5e-2; GPTQ int4/int8 weights through the weight-quant matmul 2e-2), 2 without an
-NPU.
+logits) and how many greedy tokens agree. Then the call sites review could not settle without a device:
+- GPTQ int4 / int8 layers through ``weight_quant_batch_matmul`` (per-group and per-channel, int4 packing order,
+  a layer with a bias in the compute dtype, act-order) against numpy;
+- a left-padded batch of 2 through the fused prefill (PyNative and the compiled graph, then decode steps): every
+  output finite and each row equal to the row run alone;
+- the decoder's rotary call with the shapes of a tensor-parallel rank (one KV head, batch 16, decode and prefill).
+Finally a device memory-bandwidth microbenchmark and decode tokens/s (of ``--model`` if given, else of the tiny
+model). Exits 1 naming every check above its tolerance (bf16 vs fp32: vision features 3e-2, logits 5e-2; weight-quant
+matmul and rotary 2e-2; non-finite values always fail), 2 without an NPU or for bad arguments.
 
 ``--allow_cpu`` runs the same script on CPU in fp32 with the fused kernels off: a dry run of this tool that
 verifies nothing about Ascend.
@@ -32,11 +39,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TOLERANCE = {"vision.features": 3e-2, "prefill.logits": 5e-2, "decode.logits": 5e-2, "weight_quant": 2e-2}
+TOLERANCE = {"vision.features": 3e-2, "prefill.logits": 5e-2, "decode.logits": 5e-2, "weight_quant": 2e-2,
+             "padded": 5e-2, "rotary": 2e-2}
 
 
 def rel(a, b) -> float:
+    """Relative error; inf when either side holds a NaN / Inf (a non-finite output always fails)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
@@ -56,27 +67,33 @@ def aligned_tiny(folder: str) -> str:
     return folder
 
 
-def prompt(batch: int = 1):
+def prompt(batch: int = 1, pre: int = 5, post: int = 6):
     rng = np.random.default_rng(0)
     grid = (1, 12, 16)
-    row = rng.integers(10, 250, 5).tolist() + [302] + [300] * (12 * 16 // 4) + [303] + rng.integers(10, 250, 6).tolist()
+    row = rng.integers(10, 250, pre).tolist() + [302] + [300] * (12 * 16 // 4) + [303] + \
+        rng.integers(10, 250, post).tolist()
     pix = rng.standard_normal((12 * 16, 3 * 2 * 14 * 14)).astype(np.float32)
     return dict(input_ids=np.array([row] * batch), pixel_values=np.concatenate([pix] * batch),
                 image_grid_thw=np.array([grid] * batch))
 
 
 def bandwidth_gb_s(ms, size_mb: int = 1024) -> float:
-    """Device read+write bandwidth: a jit-compiled copy (x * 1) of a size_mb tensor, best of 10."""
+    """Device read+write bandwidth: a jit-compiled x * s over size_mb of float32, which reads x once and writes the
+    result once (2 x size bytes per call); each call timed to ``mindspore.runtime.synchronize()``, best of 10."""
     from mindspore import Tensor, mint
 
     x = mint.ones((size_mb * 2 ** 20 // 4,), dtype=ms.float32)
+    one = Tensor(1.0, ms.float32)
     f = ms.jit(_scale)
-    f(x, Tensor(1.0, ms.float32)).asnumpy()[:1]
+    f(x, one)  # compile
+    ms.runtime.synchronize()
     best = 1e9
     for _ in range(10):
         t = time.perf_counter()
-        f(x, Tensor(1.0, ms.float32)).sum().asnumpy()
+        y = f(x, one)
+        ms.runtime.synchronize()
         best = min(best, time.perf_counter() - t)
+        del y
     return 2 * x.nbytes / best / 1e9
 
 
@@ -86,8 +103,9 @@ def _scale(x, s):
 
 def weight_quant_errors(ms, dtype, fused: bool) -> dict:
     """GPTQ integer weights through quant.QuantLinear (on an NPU: weight_quant_batch_matmul, with int4 packed two per
-    byte, element 2j in the low nibble; int8; per-group 128 and per-channel) against x @ ((w + offset) * scale) in
-    fp32 numpy. Checks the kernel's argument conventions and the int4 packing order glm4v_ms assumes."""
+    byte, element 2j in the low nibble; int8; per-group 128 and per-channel; a layer with a bias, which QuantLinear
+    adds after the kernel in the compute dtype; act-order) against x @ ((w + offset) * scale) + bias in fp32 numpy.
+    Checks the kernel's argument conventions and dtypes and the int4 packing order glm4v_ms assumes."""
     from mindspore import Tensor
     from glm4v_ms.model import ops
     from glm4v_ms.model.quant import GPTQSpec, QuantLinear, pack_int4_pairs
@@ -96,22 +114,102 @@ def weight_quant_errors(ms, dtype, fused: bool) -> dict:
     out = {}
     k, n = 512, 256
     ops.set_fused(fused)
-    for bits, gs in ((4, 128), (8, 128), (4, -1)):
-        spec = GPTQSpec(bits=bits, group_size=gs, sym=False, desc_act=False)
+    for bits, gs, bias, act in ((4, 128, False, False), (8, 128, False, False), (4, -1, False, False),
+                                (4, 128, True, False), (8, 128, True, False), (4, 128, True, True)):
+        spec = GPTQSpec(bits=bits, group_size=gs, sym=False, desc_act=act)
         half = 1 << (bits - 1)
         w = rng.integers(-half, half, size=(k, n)).astype(np.int8)
         g = spec.groups(k)
         scale = (rng.random((g, n)) * 0.02 + 0.001).astype(np.float32)
         offset = rng.integers(-2, 3, size=(g, n)).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        perm = rng.permutation(k).astype(np.int32)
         x = rng.standard_normal((4, k)).astype(np.float32)
         rows = np.zeros(k, np.int64) if gs == -1 else np.arange(k) // gs
-        ref = x @ ((w.astype(np.float32) + offset[rows]) * scale[rows])
-        layer = QuantLinear(k, n, False, spec, False, dtype)
+        ref = (x[:, perm] if act else x) @ ((w.astype(np.float32) + offset[rows]) * scale[rows]) + (b if bias else 0)
+        layer = QuantLinear(k, n, bias, spec, act, dtype)
         layer.weight.set_data(Tensor(pack_int4_pairs(w) if bits == 4 else w, dtype=layer.weight.dtype))
         layer.scale.set_data(Tensor(scale).astype(dtype))
         layer.offset.set_data(Tensor(offset).astype(dtype))
+        if bias:
+            layer.bias.set_data(Tensor(b).astype(dtype))
+        if act:
+            layer.act_perm.set_data(Tensor(perm))
         y = layer(Tensor(x).astype(dtype)).astype(ms.float32).asnumpy()
-        out[f"weight_quant int{bits} group {gs}"] = rel(y, ref)
+        name = f"weight_quant int{bits} group {gs}" + (" bias" if bias else "") + (" act-order" if act else "")
+        out[name] = rel(y, ref)
+    return out
+
+
+def padded_batch_errors(ms, model, n: int) -> dict:
+    """A left-padded batch of 2 (prompts of different lengths, one image each) through the fused prefill: in
+    PyNative (every layer's output finite at every position, padding included, since those become the next layer's
+    keys and values; each row's logits equal to the row run alone) and as the compiled graph users run (prefill
+    logits of each row equal to the row alone; the batch's decode logits finite for n - 1 steps)."""
+    from glm4v_ms.runtime.engine import GraphSession, graph_runner
+    from glm4v_ms.runtime.generation import GenerationConfig
+
+    rows = [prompt(1, 5, 6), prompt(1, 2, 3)]
+    lens = [r["input_ids"].shape[1] for r in rows]
+    s = max(lens)
+    ids = np.zeros((2, s), np.int64)
+    mask = np.zeros((2, s), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, s - lens[i]:], mask[i, s - lens[i]:] = r["input_ids"][0], 1
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=np.concatenate([r["pixel_values"] for r in rows]),
+                 image_grid_thw=np.concatenate([r["image_grid_thw"] for r in rows]))
+    f32 = lambda t: t.astype(ms.float32).asnumpy()  # noqa: E731
+    out = model(**batch, output_hidden_states=True)
+    finite = all(np.isfinite(f32(h)).all() for h in out.hidden_states)
+    errors = {"padded.eager hidden states finite": 0.0 if finite else float("inf")}
+    logits = f32(out.logits)
+    for i, r in enumerate(rows):
+        alone = f32(model(**r).logits)[0]
+        errors[f"padded.eager row {i} logits"] = rel(logits[i, s - lens[i]:], alone)
+    runner = graph_runner(model)
+
+    def graph(inputs, b):
+        sess = GraphSession(runner, GenerationConfig(max_new_tokens=n, eos_token_id=[]), b)
+        sess.return_logits = True
+        cache = runner.open_cache(b, inputs["input_ids"].shape[1], n)
+        tok = sess.prefill(inputs, cache)
+        got = [sess.last_logits]
+        for _ in range(n - 1):
+            tok = sess.step(tok, cache)
+            got.append(sess.last_logits)
+        sess.close(cache)
+        return got
+
+    got = graph(batch, 2)
+    for i, r in enumerate(rows):
+        errors[f"padded.graph row {i} prefill logits"] = rel(got[0][i], graph(r, 1)[0][0])
+    errors["padded.graph decode logits finite"] = 0.0 if all(np.isfinite(g).all() for g in got) else float("inf")
+    return errors
+
+
+def rotary_tp_errors(ms, dtype, fused: bool) -> dict:
+    """The decoder's rotary call (ops.rotary_qk) with the shapes of a tensor-parallel rank of GLM-4.1V-9B: 16 query
+    heads and one KV head of 128, batch 16, a decode step (S = 1) and a prefill (S = 8), against numpy."""
+    from mindspore import Tensor
+    from glm4v_ms.model import ops
+
+    ops.set_fused(fused)
+    rng = np.random.default_rng(3)
+    out = {}
+    for s in (1, 8):
+        q = rng.standard_normal((16, s, 16, 128)).astype(np.float32)
+        k = rng.standard_normal((16, s, 1, 128)).astype(np.float32)
+        ang = rng.standard_normal((16, s, 64)).astype(np.float32)
+        cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+        qd, kd = Tensor(q).astype(dtype), Tensor(k).astype(dtype)
+        gq, gk = ops.rotary_qk(qd, kd, Tensor(cos), Tensor(sin))
+
+        def ref(x):
+            x = x.astype(ms.float32).asnumpy()
+            rot = np.concatenate([-x[..., 64:], x[..., :64]], -1)
+            return x * cos[:, :, None] + rot * sin[:, :, None]
+        out[f"rotary B16 kv-heads 1 S{s}"] = max(rel(gq.astype(ms.float32).asnumpy(), ref(qd)),
+                                                 rel(gk.astype(ms.float32).asnumpy(), ref(kd)))
     return out
 
 
@@ -125,13 +223,24 @@ def decode_speed(model, tokens: int) -> float:
     return st.decode_tok_s
 
 
+def _fail(msg: str, code: int) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device_id", type=int, default=0)
-    ap.add_argument("--tokens", type=int, default=32, help="decode steps compared and timed")
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps compared and timed (at least 2)")
     ap.add_argument("--model", help="a real checkpoint folder to time decode on (bf16, graph mode)")
     ap.add_argument("--allow_cpu", action="store_true", help="dry run on CPU in fp32 (verifies nothing about Ascend)")
     args = ap.parse_args(argv)
+    if args.tokens < 2:
+        return _fail(f"--tokens is {args.tokens}: it must be at least 2 (the prefill and at least one decode step "
+                     "are compared)", 2)
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        return _fail(f"--model {args.model}: not a checkpoint folder (no config.json there); give the folder of a "
+                     "Hugging Face or converted GLM-4.1V checkpoint", 2)
     import mindspore as ms
     from glm4v_ms import Glm4vForConditionalGeneration
     from glm4v_ms.model import ops
@@ -142,14 +251,13 @@ def main(argv=None) -> int:
         ops.set_device("CPU")
         fast_dtype, fused = ms.float32, False
     else:
-        try:
+        try:  # also applies ops.ASCEND_JIT_CONFIG, exactly as for generate.py, the pipeline and batch jobs
             ops.set_device("Ascend", args.device_id)
         except ValueError as e:
             print(f"ascend_check needs an Ascend NPU with the Ascend build of MindSpore and CANN: {e}",
                   file=sys.stderr)
             return 2
         fast_dtype, fused = ms.bfloat16, True
-        ms.set_context(jit_config={"jit_level": "O0", "infer_boost": "on"})
     tmp = tempfile.mkdtemp(prefix="ascend-check-")
     atexit.register(shutil.rmtree, tmp, True)  # the tiny model is only needed for this run
     folder = aligned_tiny(tmp)
@@ -188,19 +296,35 @@ def main(argv=None) -> int:
     agree = int(np.cumprod(np.stack(seq, 1)[0] == ref_seq[0, s:]).sum())
     errors.update(weight_quant_errors(ms, fast_dtype, fused))
     ops.set_fused(fused)
-    print(f"device: {ops.device_target()}  fast path: {fast_dtype}, fused kernels {'on' if fused else 'off'}, graph")
-    failed = False
+    errors.update(padded_batch_errors(ms, fast, n))
+    errors.update(rotary_tp_errors(ms, fast_dtype, fused))
+    ops.set_fused(fused)
+    print(f"device: {ops.device_target()}  fast path: {fast_dtype}, fused kernels {'on' if fused else 'off'}, graph; "
+          f"jit_config {ms.get_context('jit_config') or '{}'}")
+    failed = []
     for k, v in errors.items():
-        tol = TOLERANCE[k.split(" ")[0]]
+        tol = next(t for prefix, t in TOLERANCE.items() if k.startswith(prefix))
         ok = v <= tol
-        failed |= not ok
-        print(f"  {k:<30} rel err {v:.2e}  (tolerance {tol:.0e})  {'ok' if ok else 'FAILED'}")
+        if not ok:
+            failed.append(k)
+        print(f"  {k:<42} rel err {v:.2e}  (tolerance {tol:.0e})  {'ok' if ok else 'FAILED'}")
     print(f"  greedy tokens agreeing before the first difference: {agree}/{n} (bf16 may diverge on near-ties)")
     print(f"  memory bandwidth (device copy): {bandwidth_gb_s(ms):.1f} GB/s")
-    speed_model = Glm4vForConditionalGeneration.from_pretrained(args.model, dtype=fast_dtype) if args.model else fast
+    if args.model:
+        try:
+            speed_model = Glm4vForConditionalGeneration.from_pretrained(args.model, dtype=fast_dtype)
+        except Exception as e:  # noqa: BLE001 - any loading problem of the user's folder ends in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"error: --model {args.model}: cannot be loaded: {first}", file=sys.stderr)
+            return 1
+    else:
+        speed_model = fast
     print(f"  decode ({'--model' if args.model else 'tiny model'}, batch 1, graph): "
           f"{decode_speed(speed_model, n):.1f} tokens/s")
-    return 1 if failed else 0
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -79,9 +79,23 @@ def set_fused(on: bool, any_dtype: bool = False) -> None:
     _FUSED["on"], _FUSED["any_dtype"] = bool(on), bool(any_dtype)
 
 
+# MindSpore's configuration of the Ascend fast path, applied by set_device("Ascend"): every entry point that runs on
+# Ascend (generate.py, pipeline.load, tools/batch_infer.py, the library via glm4v_ms.set_device) and
+# tools/ascend_check.py, which validates it on a device, run the same one: jit_level "O0" and infer_boost "on"
+# (MindSpore 2.10's set_context(jit_config=...); 2.10 logs that infer_boost there is deprecated and still applies
+# it). Not verified on an NPU here: tools/ascend_check.py is the check.
+ASCEND_JIT_CONFIG = {"jit_level": "O0", "infer_boost": "on"}
+
+
+def apply_ascend_config() -> None:
+    """Set ASCEND_JIT_CONFIG in MindSpore's context (global, before any graph is compiled)."""
+    ms.set_context(jit_config=dict(ASCEND_JIT_CONFIG))
+
+
 def set_device(target: str = "CPU", device_id: Optional[int] = None) -> str:
     """Select the MindSpore backend once per process. ``target`` is ``"CPU"`` or ``"Ascend"``; ``device_id``
-    (Ascend) defaults to ``$DEVICE_ID`` (msrun exports each worker's local rank there), else 0.
+    (Ascend) defaults to ``$DEVICE_ID`` (msrun exports each worker's local rank there), else 0. On Ascend it also
+    applies ``ASCEND_JIT_CONFIG``.
 
     On CPU, PyNative runs synchronously: asynchronous launches on 2 cores are ~10x slower and report errors at
     the wrong op (measured: 1.0 s vs 80 ms for a 32-layer tiny stack).
@@ -102,6 +116,8 @@ def set_device(target: str = "CPU", device_id: Optional[int] = None) -> str:
                          "MindSpore with CANN, or use the CPU device") from None
     if target == "CPU":
         ms.runtime.launch_blocking()
+    else:
+        apply_ascend_config()
     set_fused(target == "Ascend")
     _DEVICE["target"] = target
     return target
@@ -257,6 +273,23 @@ def compressed_causal_mask() -> Tensor:
     return _COMPRESSED_CAUSAL["m"]
 
 
+def padded_prefill_discard(mask: Tensor) -> Tensor:
+    """The flash-attention kernel's bool mask (True = discard) for an additive mask [B, 1, S, T] whose query
+    positions are the last S of the T keys, with every query's own key kept.
+
+    In a left-padded prefill the query rows of padding positions see no key at all (every key up to them is
+    padding). CANN defines the output of such a fully-masked row only with inner_precise 2, which MindSpore 2.10
+    documents as reserved ("inner_precise: the parameter is reserved and not implemented yet"), so it may be NaN/Inf;
+    the next layer would then write NaN K/V for those positions into the cache, and since the probability 0 of a
+    masked key times a NaN value is NaN, every real row of the batch would be corrupted. Keeping the own position
+    gives every row at least one key. Real rows already see their own position (causal, and their key is real), so
+    only padding rows change, and their outputs are never read (their logits are not used and their keys stay
+    masked for every real query)."""
+    s, t = mask.shape[-2], mask.shape[-1]
+    own = (ops.arange(s).reshape(s, 1) + (t - s)) == ops.arange(t).reshape(1, t)
+    return mint.logical_and(mask < 0, mint.logical_not(own))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
               causal_only: bool = False) -> Tensor:
     """Decoder attention with native GQA. q: [B, H, S, D]; k, v: [B, KVH, T, D] (query head h uses kv head
@@ -265,7 +298,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
 
     Fused, S == 1 (decode): ``fused_infer_attention_score`` over the cache with num_key_value_heads (no repeated KV
     heads) and the bool mask. Fused, S > 1 (prefill): ``flash_attention_score`` with the compressed 2048 x 2048 mask
-    and sparse_mode 3 when ``causal_only``, else the full bool mask with sparse_mode 0 (left-padded batches).
+    and sparse_mode 3 when ``causal_only``, else the full bool mask with sparse_mode 0 (left-padded batches), in
+    which each padding query keeps its own key so that no row is fully masked (``padded_prefill_discard``).
     Eager: queries grouped per KV head ([B, KVH, rep * S, D]), matmul, additive mask, fp32 softmax, matmul."""
     b, h, s, d = q.shape
     kvh, t = k.shape[1], k.shape[2]
@@ -277,8 +311,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
             out = KERNELS.flash_attention_score(q, k, v, h, attn_mask=compressed_causal_mask(), scalar_value=scale,
                                                 input_layout="BNSD", sparse_mode=3)
         else:
-            out = KERNELS.flash_attention_score(q, k, v, h, attn_mask=mask < 0, scalar_value=scale,
-                                                input_layout="BNSD", sparse_mode=0)
+            out = KERNELS.flash_attention_score(q, k, v, h, attn_mask=padded_prefill_discard(mask),
+                                                scalar_value=scale, input_layout="BNSD", sparse_mode=0)
         return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
     rep = h // kvh
     qg = q.reshape(b, kvh, rep * s, d)  # heads kvh*rep .. kvh*rep+rep-1 share kv head kvh
@@ -310,6 +344,25 @@ def rotary_half(x: Tensor, cos: Tensor, sin: Tensor, upcast: bool = False) -> Te
         rot = mint.cat([-x[..., half:], x[..., :half]], -1)
         out = x * c + rot * sn
     return _r(out.astype(dtype))
+
+
+def rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
+    """The decoder's rotation of q [B, S, H, D] and k [B, S, KVH, D] (BSND) with cos/sin [B, S, D].
+
+    Fused: q and k are rotated together, concatenated along the head axis ([B, S, H + KVH, D], cos BS1D), then split.
+    ``rotary_position_embedding`` infers the layout of x from the shapes of x and cos (MindSpore 2.10 docstring,
+    "Config layout constraints": x BNSD takes cos 11SD / B1SD / BNSD, x BSND takes 1S1D / BS1D / BSND). k alone has
+    one KV head per rank under tensor parallelism (GLM-4.1V-9B, TP 2), and in a decode step (S = 1) k [B, 1, 1, D]
+    and cos [B, 1, 1, D] then have the same shape: that is BSND with cos BSND, but equally BNSD with cos BNSD, and
+    read as BNSD with B * 1 > 8 * 1 (B > 8) it is the case the docstring's note excludes ("When the layout is BNSD,
+    B * N > 8S ... this interface cannot be called"). With H + KVH >= 2 heads, x's head axis differs from cos's 1,
+    so the only layout that fits is BSND with cos BS1D, which the docstring lists for mode 0. Eager: each rotated
+    on its own (identical arithmetic: the rotation is per head)."""
+    if fused():
+        h = q.shape[2]
+        qk = rotary_half(mint.cat([q, k.astype(q.dtype)], 2), cos, sin)
+        return qk[:, :, :h], qk[:, :, h:]
+    return rotary_half(q, cos, sin), rotary_half(k, cos, sin)
 
 
 _SCATTER = ops.ScatterNdUpdate()

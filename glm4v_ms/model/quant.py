@@ -245,7 +245,8 @@ class QuantLinear(nn.Cell):
     and ``offset`` [G, N] in the compute dtype, ``bias`` [N], ``act_perm`` [K] int32 or None. The weight is stored
     as q - 2^(bits-1) and offset = 2^(bits-1) - zero, which is the kernel's ANTIQUANT(w) = (w + offset) * scale.
 
-    Fused (Ascend): one ``weight_quant_batch_matmul`` (x in bf16/fp16, antiquant_group_size = group_size).
+    Fused (Ascend): one ``weight_quant_batch_matmul`` (x in bf16/fp16, antiquant_group_size = group_size, no bias),
+    then the bias added in the compute dtype.
     Eager (the reference twin, any device): the weight is dequantised per call and multiplied in the compute dtype;
     it saves memory, not time."""
 
@@ -295,12 +296,17 @@ class QuantLinear(nn.Cell):
         if ops.fused() and ops.fused_dtype(x2):
             # one group over all inputs is the kernel's per-channel mode (group size 0, scale [1, N])
             gs = 0 if self.scale.shape[0] == 1 else self.group_size
-            y = ops.KERNELS.weight_quant_batch_matmul(x2, self.weight, self.scale, self.offset, None, None, self.bias,
+            # No bias into the kernel: MindSpore 2.10's type inference for WeightQuantBatchMatmul requires bias,
+            # antiquant_scale and antiquant_offset to have x's dtype (ops/infer/ops_func_impl/
+            # weight_quant_batch_matmul.cc, InferType), while CANN's aclnnWeightQuantBatchMatmulV2 on Atlas A2/A3
+            # requires a float32 bias when x is bfloat16 (docs/aclnnWeightQuantBatchMatmulV2.md, biasOptional). No
+            # bias dtype satisfies both for bf16, so the bias is added after the kernel, in the compute dtype.
+            y = ops.KERNELS.weight_quant_batch_matmul(x2, self.weight, self.scale, self.offset, None, None, None,
                                                       False, False, gs)
         else:
             y = mint.matmul(x2, self.dequantized())
-            if self.bias is not None:
-                y = y + self.bias
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
 

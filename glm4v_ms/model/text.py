@@ -41,8 +41,8 @@ class TextAttention(nn.Cell):
                   causal_only: bool = False):
         b, s, _ = x.shape
         # [B, S, heads*D] -> [B, S, heads, D] (BSND, where the rotation runs) -> [B, heads, S, D]
-        q = ops.rotary_half(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
-        k = ops.rotary_half(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = ops.rotary_qk(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim),
+                             self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if k_cache is not None:  # store post-rotary keys at ``index``; attend over the first kv_len positions
