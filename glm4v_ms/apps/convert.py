@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -268,6 +269,9 @@ def _copy_other_files(src: str, dst: str) -> List[str]:
     return copied
 
 
+OWNER_FILE = ".glm4v_ms-owner.json"  # inside each temporary folder: which process made it (see clean_stale)
+
+
 def _new_name(parent: str, stem: str) -> str:
     """An unused hidden name in ``parent``: .<stem>-<pid>-<random>."""
     while True:
@@ -276,14 +280,96 @@ def _new_name(parent: str, stem: str) -> str:
             return path
 
 
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (Linux /proc), which tells a reused pid from the
+    original; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return stat[stat.rindex(")") + 2:].split()[19]  # field 22, counted after the "(comm)" field
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _write_owner(folder: str) -> None:
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
+            "tool": "glm4v_ms.convert"}
+    with open(os.path.join(folder, OWNER_FILE), "w", encoding="utf-8") as f:
+        json.dump(info, f)
+
+
+def _owner_gone(folder: str) -> Optional[int]:
+    """The pid of the conversion that made ``folder`` when that process is gone (on this host), else None (alive,
+    another host's, or no owner file: not ours to judge)."""
+    try:
+        with open(os.path.join(folder, OWNER_FILE), "r", encoding="utf-8") as f:
+            info = json.load(f)
+        pid, host = int(info["pid"]), info["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except PermissionError:  # alive, another user's
+        return None
+    start = info.get("start")
+    return pid if start is not None and _start_time(pid) not in (None, start) else None  # pid reused by another
+
+
 def _make_temp_dir(parent: str, stem: str) -> str:
     while True:
         path = _new_name(parent, stem)
         try:
             os.mkdir(path)  # mode 0o777 minus the umask, like any folder the user creates (mkdtemp would give 0o700)
-            return path
         except FileExistsError:
             continue
+        try:
+            _write_owner(path)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return path
+
+
+def clean_stale(dst: str, log: Optional[Callable[[str], None]] = None) -> List[str]:
+    """Find the temporary folders that earlier conversions to ``dst`` left next to it when they were killed
+    (SIGKILL, out of memory, power loss) and deal with them; returns what was done, one line each (also passed
+    to ``log``).
+
+    Only folders named like ours (``.<DST name>.converting-<pid>-<hex>`` or ``.<DST name>.old-<pid>-<hex>``) that
+    hold our owner file naming a process of this host that no longer runs are touched: a ``.converting`` folder is
+    deleted; an ``.old`` folder (the previous DST moved aside just before the new one was renamed into place) is
+    renamed back to DST when DST is missing, otherwise deleted."""
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    pattern = re.compile(r"\." + re.escape(base) + r"\.(converting|old)-(\d+)-[0-9a-f]{6}")
+    done: List[str] = []
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return done
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        path = os.path.join(parent, entry)
+        if m is None or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        pid = _owner_gone(path)
+        if pid is None:
+            continue
+        if m.group(1) == "old" and not os.path.lexists(dst):
+            os.remove(os.path.join(path, OWNER_FILE))
+            os.rename(path, dst)
+            line = (f"restored {dst} from {path}: a conversion (pid {pid}) was killed while replacing it")
+        else:
+            size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+            shutil.rmtree(path)
+            line = (f"removed {path} ({size} bytes), left by a conversion (pid {pid}) that was killed")
+        done.append(line)
+        if log is not None:
+            log(line)
+    return done
 
 
 def _remove(path: str) -> None:
@@ -294,18 +380,25 @@ def _remove(path: str) -> None:
 
 
 def _publish(tmp: str, dst: str, force: bool) -> None:
-    """Rename the finished folder ``tmp`` to ``dst``. An existing ``dst`` (only with ``force``) is first moved
-    aside and deleted once the new folder is in place: at every moment one of the two is complete on disk."""
+    """Rename the finished folder ``tmp`` to ``dst``. An existing ``dst`` (only with ``force``, and only an earlier
+    conversion) is first moved aside and deleted once the new folder is in place: at every moment one of the two is
+    complete on disk (a kill in between is repaired by the next run's clean_stale)."""
     parent = os.path.dirname(dst)
+    os.remove(os.path.join(tmp, OWNER_FILE))
     if os.path.lexists(dst):
-        if not force:  # it appeared while we were converting
-            raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+        _check_existing_dst(dst, force)  # it may have appeared or changed while we were converting
         aside = _new_name(parent, os.path.basename(dst) + ".old")
-        os.rename(dst, aside)
+        _write_owner(dst)  # the aside copy is then recognisably ours (clean_stale)
+        try:
+            os.rename(dst, aside)
+        except BaseException:
+            os.remove(os.path.join(dst, OWNER_FILE))
+            raise
         try:
             os.rename(tmp, dst)
         except BaseException:
             os.rename(aside, dst)
+            os.remove(os.path.join(dst, OWNER_FILE))
             raise
         _fsync_path(parent)
         try:
@@ -318,23 +411,55 @@ def _publish(tmp: str, dst: str, force: bool) -> None:
         _fsync_path(parent)
 
 
-def _check_paths(src: str, dst: str) -> None:
+def is_conversion(path: str) -> bool:
+    """True for a folder written by this converter: its config.json carries the glm4v_ms layout marker."""
+    config = os.path.join(path, CONFIG_FILE)
+    if os.path.islink(path) or not os.path.isdir(path) or not os.path.isfile(config):
+        return False
+    try:
+        with open(config, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get(LAYOUT_KEY), dict) and "layout" in raw[LAYOUT_KEY]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_paths(src: str, dst: str, dst_arg: str = "x") -> None:
     if not os.path.isdir(src):
         raise FileNotFoundError(f"SRC folder not found: {src} (expected a Hugging Face GLM-4.1V folder with "
                                 "config.json and safetensors weights)")
+    if not str(dst_arg).strip():
+        raise ValueError("DST is empty; give the path of a new folder for the converted checkpoint")
     rs, rd = os.path.realpath(src), os.path.realpath(dst)
     if rd == rs:
         raise ValueError(f"DST {dst} is the same folder as SRC; write the converted folder to a new path")
-    if rd.startswith(rs.rstrip(os.sep) + os.sep):
+    if _inside(rd, rs):
         raise ValueError(f"DST {dst} is inside SRC {src}; write the converted folder outside the source folder")
-    if rs.startswith(rd.rstrip(os.sep) + os.sep):
+    if _inside(rs, rd):
         raise ValueError(f"SRC {src} is inside DST {dst}; replacing DST would delete the source: choose another DST")
+    for special, what in ((os.getcwd(), "the working directory"), (os.path.expanduser("~"), "the home directory"),
+                          (os.sep, "the root folder")):
+        rsp = os.path.realpath(special)
+        if rd == rsp or _inside(rsp, rd):
+            where = "is" if rd == rsp else "contains"
+            raise ValueError(f"DST {dst} {where} {what}; it is never replaced: give a new folder path such as "
+                             f"{os.path.join(os.path.dirname(rs), os.path.basename(rs) + '-glm4v_ms')}")
 
 
-def _check_dst_free(dst: str, force: bool) -> None:
-    if os.path.lexists(dst) and not force:
-        raise FileExistsError(f"DST {dst} already exists; pass --force (force=True) to replace it, or choose "
-                              "another path")
+def _check_existing_dst(dst: str, force: bool) -> None:
+    if not os.path.lexists(dst):
+        return
+    if not is_conversion(dst):
+        raise FileExistsError(f"DST {dst} already exists and is not a folder written by tools/convert.py (no "
+                              f"'{LAYOUT_KEY}' layout marker in its config.json); it is never replaced, whatever "
+                              "the flags: choose another path")
+    if not force:
+        raise FileExistsError(f"DST {dst} already exists; pass --force (force=True) to replace this earlier "
+                              "conversion, or choose another path")
 
 
 def _read_config(src: str) -> Tuple[dict, Glm4vConfig]:
@@ -355,20 +480,35 @@ def _read_config(src: str) -> Tuple[dict, Glm4vConfig]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def convert_checkpoint(src: str, dst: str, force: bool = False, verify: bool = False,
-                       shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, progress: bool = True) -> Dict:
+                       shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, progress: bool = True,
+                       log: Optional[Callable[[str], None]] = None) -> Dict:
     """Convert the Hugging Face GLM-4.1V folder ``src`` into ``dst`` (see the module docstring).
 
     ``shard_size``: bytes of tensor data per output shard (int, or a string like "5GB", "500MB");
     ``verify``: re-read every written tensor and compare it bit for bit before publishing; ``progress``: a progress
-    bar on stderr. Returns a summary: src, dst, tensors, bytes, shards, seconds, verified, dropped (source tensors
-    left out: a tied model's lm_head.weight), copied (other files copied)."""
+    bar on stderr; ``log``: called with each notice (stale temporaries cleaned, warnings about SRC's tokenizer
+    files). ``force`` replaces an existing DST only when it is itself an earlier conversion (``is_conversion``);
+    any other existing DST, an empty DST, DST equal to / inside / containing SRC, the working directory or the
+    home directory are always refused. Returns a summary: src, dst, tensors, bytes, shards, seconds, verified,
+    dropped (source tensors left out: a tied model's lm_head.weight), copied (other files copied), cleaned (stale
+    temporaries dealt with), warnings (what SRC lacks for generate.py: tokenizer, chat template, ...)."""
     t0 = time.monotonic()
+    dst_arg = os.fspath(dst)
     src = os.path.abspath(os.fspath(src))
-    dst = os.path.abspath(os.fspath(dst))
+    dst = os.path.abspath(dst_arg)
     limit = parse_size(shard_size)
-    _check_paths(src, dst)
+    _check_paths(src, dst, dst_arg)
     raw, config = _read_config(src)
-    _check_dst_free(dst, force)
+    cleaned = clean_stale(dst, log)
+    _check_existing_dst(dst, force)
+    from .pipeline import model_folder_problems
+
+    # The weights convert without them, but generate.py needs the tokenizer, template and processor files: say so.
+    notes = [f"warning: {p.replace(src, 'SRC ' + src, 1)}; DST loads as a model, but generate.py will refuse it"
+             for p in model_folder_problems(src) if not p.startswith(os.path.join(src, CONFIG_FILE))]
+    for note in notes:
+        if log is not None:
+            log(note)
 
     # The model built from the config gives the parameter names and shapes (its parameters are lazy: no memory).
     model = Glm4vForConditionalGeneration(config, ms.bfloat16)
@@ -417,4 +557,5 @@ def convert_checkpoint(src: str, dst: str, force: bool = False, verify: bool = F
         shutil.rmtree(tmp, ignore_errors=True)  # gone already if _publish renamed it
         raise
     return {"src": src, "dst": dst, "tensors": len(tensors), "bytes": total, "shards": len(shards),
-            "seconds": time.monotonic() - t0, "verified": bool(verify), "dropped": dropped, "copied": copied}
+            "seconds": time.monotonic() - t0, "verified": bool(verify), "dropped": dropped, "copied": copied,
+            "cleaned": cleaned, "warnings": notes}
