@@ -319,6 +319,21 @@ def _owner_gone(folder: str) -> Optional[int]:
     return pid if start is not None and _start_time(pid) not in (None, start) else None  # pid reused by another
 
 
+def _empty_and_gone(folder: str, pid: int) -> Optional[int]:
+    """A folder killed between its creation and its owner file (empty, or holding only a partial owner file) whose
+    name's pid no longer runs: ``pid``, else None. Nothing of value can be in it."""
+    try:
+        entries = os.listdir(folder)
+        if any(e != OWNER_FILE for e in entries) or pid == os.getpid():
+            return None
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except OSError:
+        return None
+    return None
+
+
 def _make_temp_dir(parent: str, stem: str) -> str:
     while True:
         path = _new_name(parent, stem)
@@ -356,6 +371,8 @@ def clean_stale(dst: str, log: Optional[Callable[[str], None]] = None) -> List[s
         if m is None or os.path.islink(path) or not os.path.isdir(path):
             continue
         pid = _owner_gone(path)
+        if pid is None:
+            pid = _empty_and_gone(path, int(m.group(2)))
         if pid is None:
             continue
         if m.group(1) == "old" and not os.path.lexists(dst):
