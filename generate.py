@@ -131,14 +131,17 @@ def run_turn(pipe, args, messages, first_image):
     knobs = generation_knobs(args)
     grey, reset = ("\033[90m", "\033[0m") if sys.stdout.isatty() else ("", "")
     last = None
-    INTERRUPTS.decoding = True
-    try:
-        for piece in pipe.stream(messages, result, image_size=size, **knobs):
-            INTERRUPTS.check()
-            _show(piece, args, last, grey, reset)
-            last = piece.kind if not (args.json or (piece.kind == "thinking" and args.hide_thinking)) else last
-    finally:
-        INTERRUPTS.decoding = False
+    INTERRUPTS.decoding = True  # Ctrl-C now stops at the next piece (see Interrupts)
+    for piece in pipe.stream(messages, result, image_size=size, **knobs):
+        INTERRUPTS.check()
+        if args.json or (piece.kind == "thinking" and args.hide_thinking):
+            continue
+        if piece.kind != last and last is not None:
+            sys.stdout.write(reset + "\n")
+        sys.stdout.write((grey if piece.kind == "thinking" else "") + piece.text)
+        sys.stdout.flush()
+        last = piece.kind
+    INTERRUPTS.decoding = False
     INTERRUPTS.check()
     if args.json:
         print(json.dumps(result.as_dict(), ensure_ascii=False))
@@ -153,15 +156,6 @@ def run_turn(pipe, args, messages, first_image):
         path = draw_boxes(first_image, result.boxes_pixels, args.draw_boxes)
         print(f"[{len(result.boxes_pixels)} box(es) drawn to {path}]", file=sys.stderr)
     return result
-
-
-def _show(piece, args, last, grey, reset) -> None:
-    if args.json or (piece.kind == "thinking" and args.hide_thinking):
-        return
-    if piece.kind != last and last is not None:
-        sys.stdout.write(reset + "\n")
-    sys.stdout.write((grey if piece.kind == "thinking" else "") + piece.text)
-    sys.stdout.flush()
 
 
 def preflight(args, options):

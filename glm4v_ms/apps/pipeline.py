@@ -176,8 +176,8 @@ def prepare_media(images: Sequence = (), video=None, pdf=None, pdf_pages=None, p
     image is refused (use ``pdf``: its pages are then chosen with ``pdf_pages`` and rendered at ``pdf_dpi``); a video
     is opened and its stream checked; a PDF is opened, its page count read and ``pdf_pages`` checked against it, and
     the size of every selected page at ``pdf_dpi`` checked against the pixel limit. URLs are fetched here, once."""
-    from ..processing.media import (MediaError, UnreadableMediaError, _check_pixels, check_dpi, describe, is_pdf, load_image,
-                        page_ranges, parse_pages, pdf_page_count, probe_video, source_data)
+    from ..processing.media import (UnreadableMediaError, _check_pixels, check_dpi, describe, is_pdf, load_image,
+                                    page_ranges, parse_pages, pdf_page_count, probe_video, source_data)
 
     options = options or MediaOptions()
     out = PreparedMedia(pdf_pages=pdf_pages)
