@@ -387,7 +387,7 @@ def test_sigint_while_decoding_exits_130(w):
 
 def _stale_temp_of_a_killed_process(dst: str) -> str:
     """A temporary folder made by the converter's own code in a process that is then SIGKILLed."""
-    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from glm4v_ms.apps.convert import _make_temp_dir\n"
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from glm4v_ms.apps.staging import _make_temp_dir\n"
             "p = _make_temp_dir(os.path.dirname(sys.argv[2]), os.path.basename(sys.argv[2]) + '.converting')\n"
             "open(os.path.join(p, 'model-00001-of-00001.safetensors'), 'wb').write(b'x' * 4096)\n"
             "print(p, flush=True); os.kill(os.getpid(), 9)")

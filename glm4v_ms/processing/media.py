@@ -6,6 +6,11 @@ numpy arrays (HWC or HW; uint8, uint16, or float in [0, 1]). Remote fetches have
 description of an in-memory object) and ends with what to do about it.
 
 PyAV (videos) and pypdfium2 (PDFs) are optional; a missing one raises ``MissingDependencyError`` with the pip command.
+
+Why this module is long: it is the one place where user-supplied sources are opened, so every guard (regular files
+only, URL deadline / rate floor / size cap, pixel limit, page ranges) shares one error hierarchy and one
+``MediaOptions``; the sections (errors, sources and fetching, images, PDF, video) are independent and short, and
+splitting them would make each import the others' errors and options.
 """
 
 from __future__ import annotations
