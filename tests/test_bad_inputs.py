@@ -160,6 +160,9 @@ def w(tmp_path_factory, server):
         os.path.join(f, "config.json"), lambda d: d["text_config"].__setitem__("max_position_embeddings", 10**12))))
     p["hf_no_tok"] = variant("hf_no_tokenizer", lambda f: [os.remove(os.path.join(f, n)) for n in
                                                             ("tokenizer.json", "tokenizer_config.json")])
+    (root / "cwd").mkdir()  # every case runs here, inside the snapshot: a tool that wrote or deleted in its
+    (root / "cwd" / "notes.txt").write_text("the user's working directory")  # working directory is caught
+    p["cwd"] = str(root / "cwd")
     user = root / "user_folder"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
@@ -188,7 +191,7 @@ def snapshot(root) -> Dict[str, str]:
     return out
 
 
-def run(tool: str, args: List, cwd: str = ROOT, env: Optional[Dict] = None, timeout: float = TIME_LIMIT):
+def run(tool: str, args: List, cwd: str, env: Optional[Dict] = None, timeout: float = TIME_LIMIT):
     env = dict(os.environ, GLOG_v="3", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     script = os.path.join(ROOT, tool)
     # bytes arguments reach the tool as undecodable argv (Python hands them over with surrogateescape)
@@ -326,7 +329,7 @@ def test_bad_input(w, case):
     before = snapshot(w["root"])
     argv = case.args(w)
     t0 = time.monotonic()
-    r = run(case.tool, argv, cwd=case.cwd(w) if case.cwd else ROOT, env=case.env(w) if case.env else None)
+    r = run(case.tool, argv, cwd=case.cwd(w) if case.cwd else w["cwd"], env=case.env(w) if case.env else None)
     seconds = time.monotonic() - t0
     stderr = r.stderr.decode("utf-8", "replace")
     try:
@@ -409,7 +412,7 @@ def test_killed_conversion_is_cleaned_by_the_next_run(w, tmp_path):
     live.mkdir()
     with open(live / ".glm4v_ms-owner.json", "w") as f:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "start": None}, f)
-    r = run(CONVERT, [w["tiny"], dst, "--no_progress"])
+    r = run(CONVERT, [w["tiny"], dst, "--no_progress"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     err = r.stderr.decode()
     assert f"removed {stale}" in err and "killed" in err, err
@@ -438,7 +441,7 @@ def test_sigkill_during_a_real_conversion(w, tmp_path):
     env = dict(os.environ, GLOG_v="3")
     for attempt in range(3):
         p = subprocess.Popen([sys.executable, os.path.join(ROOT, CONVERT), src, dst, "--no_progress"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.monotonic() + TIME_LIMIT
         caught = False
         while p.poll() is None and time.monotonic() < end:
@@ -455,7 +458,7 @@ def test_sigkill_during_a_real_conversion(w, tmp_path):
         pytest.skip("the conversion finished before it could be killed (3 tries)")
     temps = [n for n in os.listdir(tmp_path) if n.startswith(".out.converting-")]
     assert len(temps) == 1
-    r = run(CONVERT, [src, dst, "--no_progress"])
+    r = run(CONVERT, [src, dst, "--no_progress"], cwd=str(tmp_path))
     err = r.stderr.decode()
     assert r.returncode == 0 and f"removed {os.path.join(str(tmp_path), temps[0])}" in err, err[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]
@@ -472,7 +475,7 @@ def test_interrupted_conversion_leaves_nothing(w, tmp_path):
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         for attempt in range(3):
             p = subprocess.Popen([sys.executable, os.path.join(ROOT, CONVERT), src, dst, "--no_progress"], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             end = time.monotonic() + TIME_LIMIT
             while p.poll() is None and time.monotonic() < end:
                 if _writing(tmp_path):
