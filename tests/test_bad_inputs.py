@@ -493,3 +493,28 @@ def test_interrupted_conversion_leaves_nothing(w, tmp_path):
         if sig == signal.SIGINT:
             assert "interrupted" in err
         assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_kill_between_the_two_renames_of_force_is_repaired(tmp_path):
+    """--force moves the old DST aside, then renames the new folder into place. Killed in between, DST is missing:
+    the next run puts the old folder back (and removes the finished-but-unpublished temporary), saying so."""
+    from glm4v_ms.apps.staging import OWNER_FILE, clean_stale
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=TIME_LIMIT)
+    dead_pid = int(gone.stdout)  # a process that has exited
+    owner = {"pid": dead_pid, "host": socket.gethostname(), "start": None}
+    dst = tmp_path / "out"
+    aside = tmp_path / f".out.old-{dead_pid}-0a1b2c"
+    temp = tmp_path / f".out.converting-{dead_pid}-3d4e5f"
+    for folder, marker in ((aside, "old conversion"), (temp, "new conversion")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"note": marker}))
+        (folder / OWNER_FILE).write_text(json.dumps(owner))
+    lines = []
+    done = clean_stale(str(dst), lines.append)
+    assert done == lines and len(lines) == 2, lines
+    assert any(l.startswith(f"restored {dst}") for l in lines) and any(l.startswith(f"removed {temp}") for l in lines)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert json.loads((dst / "config.json").read_text()) == {"note": "old conversion"}
+    assert not (dst / OWNER_FILE).exists()
