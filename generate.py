@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     try:
-        from glm4v_ms.apps.pipeline import add_generation_arguments
+        from glm4v_ms.apps.pipeline import add_generation_arguments, add_media_arguments, number_type
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         sys.exit(2)
@@ -33,10 +33,12 @@ def parse_args(argv=None):
     ap.add_argument("--video", help="video path / URL")
     ap.add_argument("--pdf", help="PDF document: each page becomes an image")
     ap.add_argument("--pdf_pages", help="pages to use, e.g. 1-3,5 (default: all)")
-    ap.add_argument("--pdf_dpi", type=float, default=None, help="PDF render resolution (default 180)")
+    ap.add_argument("--pdf_dpi", type=number_type(float, 0, lo_open=True), default=None,
+                    help="PDF render resolution, dots per inch (default 180)")
     ap.add_argument("--prompt", help="the user message (required unless --chat)")
     ap.add_argument("--system", help="system message")
     add_generation_arguments(ap)
+    add_media_arguments(ap)
     ap.add_argument("--hide_thinking", action="store_true", help="do not print the thinking part")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object (per turn) instead of streaming text")
@@ -58,6 +60,10 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not args.chat and args.prompt is None:
         ap.error("--prompt is required (or use --chat)")
+    for flag in ("prompt", "system"):
+        bad = _not_utf8(getattr(args, flag))
+        if bad:
+            ap.error(f"--{flag} is not valid UTF-8 text ({bad}); pass UTF-8 (check the terminal's or file's encoding)")
     return args
 
 
@@ -77,6 +83,66 @@ def stats_line(pipe, result, first: bool) -> str:
     return line + (f"; one-time: {', '.join(once)}, not in the timings]" if once else "]")
 
 
+def _not_utf8(text):
+    """Where ``text`` (from argv, undecodable bytes kept as surrogates) is not UTF-8, or None."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        raw = text[e.start:e.end].encode("utf-8", "surrogateescape")
+        return f"byte(s) {raw[:8].hex(' ')} at character {e.start}"
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """An output file the run will write at the end must be writable now: its folder exists, it is not a folder,
+    and PIL knows its extension."""
+    from PIL import Image
+
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise ValueError(f"{flag} {path}: is a folder; give a file name such as boxes.png")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in the folder {parent} (permission denied)")
+    ext = os.path.splitext(full)[1].lower()
+    if ext and ext not in Image.registered_extensions():
+        raise ValueError(f"{flag} {path}: unknown image extension {ext!r}; use .png or .jpg")
+
+
+class Interrupts:
+    """Ctrl-C while tokens are decoding stops at the next token, outside MindSpore's compiled step (MindSpore turns
+    a SIGINT inside a graph run into SIGTERM, which would kill the process without a word): SIGINT and SIGTERM
+    both set a flag that ``run_turn`` checks after each piece; a second signal, or one outside decoding, raises
+    KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.decoding = False
+        self.pending = False
+
+    def install(self) -> None:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.decoding and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+INTERRUPTS = Interrupts()
+
+
 def run_turn(pipe, args, messages, first_image, first: bool = True):
     from glm4v_ms.apps.pipeline import ChatResult, generation_knobs
 
@@ -87,8 +153,10 @@ def run_turn(pipe, args, messages, first_image, first: bool = True):
         knobs.update(demo_knobs(args))
     grey, reset = ("\033[90m", "\033[0m") if sys.stdout.isatty() else ("", "")
     last = None
+    INTERRUPTS.decoding = True  # Ctrl-C now stops at the next piece (see Interrupts)
     for piece in pipe.stream(messages, result, image_size=size, reply_prefix="<think>" if args.demo else "",
                              **knobs):
+        INTERRUPTS.check()
         if args.json or (piece.kind == "thinking" and args.hide_thinking):
             continue
         if piece.kind != last and last is not None:
@@ -96,6 +164,8 @@ def run_turn(pipe, args, messages, first_image, first: bool = True):
         sys.stdout.write((grey if piece.kind == "thinking" else "") + piece.text)
         sys.stdout.flush()
         last = piece.kind
+    INTERRUPTS.decoding = False
+    INTERRUPTS.check()
     if args.json:
         print(json.dumps(dict(result.as_dict(), load_s=round(pipe.load_s, 3)), ensure_ascii=False))
     elif last is not None:
@@ -109,14 +179,37 @@ def run_turn(pipe, args, messages, first_image, first: bool = True):
     return result
 
 
+def preflight(args, options):
+    """Everything about the request that can be checked without the model, before it is loaded (a typo costs
+    seconds, not a 9B load): the output path, every media input (images decoded, PDF pages checked, video probed,
+    URLs fetched once), the model folder's config / tokenizer / template / processor files, and that the KV cache
+    for --max_new_tokens fits. Returns (model folder, prepared media)."""
+    from glm4v_ms.model.kv_cache import check_cache_size
+    from glm4v_ms.model.config import Glm4vConfig
+    from glm4v_ms.apps.pipeline import check_model_folder, prepare_media, resolve_model
+
+    if args.draw_boxes:
+        if not args.image:
+            raise ValueError("--draw_boxes needs an --image to draw on")
+        check_output_path(args.draw_boxes, "--draw_boxes")
+    media = prepare_media(args.image, args.video, args.pdf, args.pdf_pages, args.pdf_dpi, options)
+    folder = resolve_model(args.model_name)
+    check_model_folder(folder)
+    text = Glm4vConfig.from_pretrained(folder).text
+    # The least the first request needs: one prompt token plus the new tokens, capped at the model's context.
+    least = min(args.max_new_tokens + 1, text.max_position_embeddings)
+    check_cache_size(text, 1, least, 2 if args.dtype == "bfloat16" else 4, host=args.device == "CPU")
+    return folder, media
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no tokenizer length warnings: we check the context
     os.environ.setdefault("USE_TORCH", "0")  # transformers serves only the tokenizer: skip importing torch (~5 s)
     try:
-        from glm4v_ms.processing.media import MediaError, MissingDependencyError, load_image
-        from glm4v_ms.apps.pipeline import Glm4vPipeline
+        from glm4v_ms.processing.media import MediaError, MissingDependencyError
+        from glm4v_ms.apps.pipeline import Glm4vPipeline, media_options
         from glm4v_ms.processing.processor import PromptError
         from glm4v_ms.model.weights import CheckpointError
 
@@ -125,8 +218,7 @@ def main(argv=None) -> int:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         return 2
     try:
-        if args.draw_boxes and not args.image:
-            raise ValueError("--draw_boxes needs an --image to draw on")
+        options = media_options(args)
         if args.demo:
             from glm4v_ms.apps.pipeline import TINY_RANDOM
 
@@ -137,13 +229,16 @@ def main(argv=None) -> int:
                   f"EOS is ignored and the reply opens with <think>, cut after {cut} tokens by a forced "
                   f"</think><answer>: all {args.max_new_tokens} tokens stream. Real models never do this.]",
                   file=sys.stderr)
+        folder, prepared = preflight(args, options)
+        INTERRUPTS.install()
         if sys.stderr.isatty():  # progress for people; logs and error output stay one line per event
             print(f"[loading {args.model_name}]", file=sys.stderr)
-        pipe = Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device, mode=args.mode,
-                                             quantized_weights=args.quantized_weights, progress=True)
-        first_image = load_image(args.image[0]) if args.image else None
-        media = dict(images=args.image, video=args.video, pdf=args.pdf, pdf_pages=args.pdf_pages,
-                     pdf_dpi=args.pdf_dpi, system=args.system)
+        pipe = Glm4vPipeline.from_pretrained(folder, dtype=args.dtype, device=args.device, mode=args.mode,
+                                             quantized_weights=args.quantized_weights, media_options=options,
+                                             progress=True)
+        first_image = prepared.images[0] if prepared.images else None
+        media = dict(images=prepared.images, video=prepared.video, pdf=prepared.pdf, pdf_pages=prepared.pdf_pages,
+                     pdf_dpi=prepared.pdf_dpi, system=args.system)
         if not args.chat:
             run_turn(pipe, args, pipe.messages(args.prompt, **media), first_image)
             return 0

@@ -286,15 +286,27 @@ def test_converted_and_gptq_sources_are_refused(hf_bf16, src, tmp_path):
 
 def test_existing_dst_needs_force(hf_bf16, tmp_path):
     dst = tmp_path / "out"
-    dst.mkdir()
+    convert(hf_bf16, str(dst))
     (dst / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="already exists; pass --force"):
         convert(hf_bf16, str(dst))
-    assert listing(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "old"
-    convert(hf_bf16, str(dst), force=True)
+    assert (dst / "keep.txt").read_text() == "old"
+    convert(hf_bf16, str(dst), force=True)  # an earlier conversion: --force replaces it
     assert not (dst / "keep.txt").exists() and (dst / INDEX).exists()
     assert [f for f in listing(tmp_path) if f.startswith(".")] == []  # neither the temp nor the old folder remains
+    assert not (dst / conv.OWNER_FILE).exists()
     Glm4vForConditionalGeneration.from_pretrained(str(dst))
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_conversion(hf_bf16, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="is not a folder written by tools/convert.py"):
+            convert(hf_bf16, str(dst), force=force)
+    assert listing(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "old"
+    assert listing(tmp_path) == ["out"]
 
 
 def test_bad_paths(hf_bf16, tmp_path):
@@ -339,9 +351,10 @@ def test_bad_tensors_are_named_and_nothing_written(src, tmp_path, damage, messag
 @pytest.mark.parametrize("existing", [False, True])
 def test_failure_halfway_leaves_nothing(hf_bf16, tmp_path, monkeypatch, exc, existing):
     dst = tmp_path / "out"
-    if existing:
-        dst.mkdir()
+    if existing:  # an earlier conversion, which --force may replace
+        convert(hf_bf16, str(dst))
         (dst / "keep.txt").write_text("old")
+        kept = listing(dst)
     real, calls = conv.write_shard, []
 
     def failing(path, *args, **kw):
@@ -360,7 +373,7 @@ def test_failure_halfway_leaves_nothing(hf_bf16, tmp_path, monkeypatch, exc, exi
     assert len(calls) == 2 and os.path.dirname(calls[0]) != str(dst)  # it was writing into a temporary folder
     assert listing(tmp_path) == before  # no DST (or the old one only) and no temporary folder
     if existing:
-        assert listing(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "old"
+        assert listing(dst) == kept and (dst / "keep.txt").read_text() == "old"
 
 
 # ----------------------------------------------------------------------------------------------------------------

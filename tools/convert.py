@@ -4,9 +4,12 @@
     python tools/convert.py SRC DST [--force] [--verify] [--shard_size 5GB] [--no_progress]
 
 The decoder's q/k projection rows are permuted into the half rotary layout, dtypes are kept (bf16 stays bf16),
-config.json gets the glm4v_ms layout marker, and the tokenizer / processor / generation files are copied. DST is
-written into a hidden temporary folder next to it and renamed into place at the end: an interrupted or failed run
-leaves nothing behind. Load the result with Glm4vForConditionalGeneration.from_pretrained(DST) or
+config.json gets the glm4v_ms layout marker, and the tokenizer / processor / generation files are copied (a SRC
+without a tokenizer or chat template converts with a warning: generate.py needs them). DST is written into a hidden
+temporary folder next to it and renamed into place at the end: an interrupted or failed run leaves nothing behind,
+and a killed one (SIGKILL, out of memory) leaves a temporary folder that the next run to the same DST removes.
+--force replaces only an earlier conversion (config.json with the glm4v_ms layout marker); any other existing DST,
+the working or home directory, and DST equal to, inside or around SRC are refused. Load the result with Glm4vForConditionalGeneration.from_pretrained(DST) or
 generate.py --model_name DST.
 """
 import argparse
@@ -21,7 +24,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", metavar="SRC", help="Hugging Face GLM-4.1V folder (config.json + safetensors)")
     ap.add_argument("dst", metavar="DST", help="the folder to create")
-    ap.add_argument("--force", action="store_true", help="replace DST if it exists")
+    ap.add_argument("--force", action="store_true",
+                    help="replace DST if it is an earlier conversion (any other existing folder is never replaced)")
     ap.add_argument("--verify", action="store_true",
                     help="re-read every written tensor and compare it bit for bit before publishing DST")
     ap.add_argument("--shard_size", default="5GB",
@@ -38,7 +42,8 @@ def main(argv=None) -> int:
 
     try:
         s = convert_checkpoint(args.src, args.dst, force=args.force, verify=args.verify,
-                               shard_size=args.shard_size, progress=not args.no_progress)
+                               shard_size=args.shard_size, progress=not args.no_progress,
+                               log=lambda line: print(line, file=sys.stderr))
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130

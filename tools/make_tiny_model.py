@@ -16,14 +16,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the folder if it exists and is a model folder (has config.json) or empty")
     args = ap.parse_args(argv)
     from glm4v_ms.apps.tiny import make_tiny_model
 
     try:
         path = make_tiny_model(args.folder, seed=args.seed, overwrite=args.force)
-    except (FileExistsError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # FileExistsError, NotADirectoryError, PermissionError are OSErrors
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {msg}", file=sys.stderr)
         return 1
     print(path)
     return 0

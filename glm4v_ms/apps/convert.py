@@ -16,8 +16,9 @@ How:
   its header first, then one tensor at a time, each read with its own ``safe_open`` (closing the file also drops
   its memory-mapped pages). Peak extra memory is about twice the largest tensor, whatever the model's size.
 * The folder is built in a hidden temporary folder next to DST, fsync'ed, and renamed into place at the very end;
-  any failure (also Ctrl-C) removes it. With ``force`` an existing DST is moved aside, the new folder renamed into
-  place, and only then the old one deleted.
+  any failure (also Ctrl-C) removes it; one left by a killed run is removed by the next (staging.py). ``force``
+  replaces only an earlier conversion (``is_conversion``): it is moved aside, the new folder renamed into place, and
+  only then the old one deleted. Any other existing DST is refused whatever the flags.
 * The shards' safetensors metadata says ``"format": "glm4v_ms"``. transformers refuses files whose format is not
   ``pt`` (or tf/flax/mlx), so a converted folder, whose q/k rows are permuted, cannot be loaded into the PyTorch
   model by mistake and silently give wrong results.
@@ -29,7 +30,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import time
 import warnings
@@ -46,6 +46,8 @@ from ..model.config import CONVERTED_LAYOUT, LAYOUT_KEY, Glm4vConfig
 from ..model.glm4v import Glm4vForConditionalGeneration
 from ..progress import Progress
 from ..model.weights import INDEX_FILE, CheckpointError, check_names, checkpoint_files, read_shapes
+from .staging import (OWNER_FILE, _fsync_path, _fsync_tree, _make_temp_dir, _new_name, _remove, _write_owner,
+                      clean_stale)
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 CONFIG_FILE = "config.json"
@@ -220,22 +222,6 @@ def verify_output(folder: str, shards: List[List[TensorInfo]], load: Callable[[T
 # Files and folders
 # ----------------------------------------------------------------------------------------------------------------
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: str) -> None:
-    """fsync every file and folder under ``root`` (a folder's entry list is data too: a rename needs it on disk)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(os.path.join(dirpath, name))
-        _fsync_path(dirpath)
-
-
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -268,44 +254,26 @@ def _copy_other_files(src: str, dst: str) -> List[str]:
     return copied
 
 
-def _new_name(parent: str, stem: str) -> str:
-    """An unused hidden name in ``parent``: .<stem>-<pid>-<random>."""
-    while True:
-        path = os.path.join(parent, f".{stem}-{os.getpid()}-{secrets.token_hex(3)}")
-        if not os.path.lexists(path):
-            return path
-
-
-def _make_temp_dir(parent: str, stem: str) -> str:
-    while True:
-        path = _new_name(parent, stem)
-        try:
-            os.mkdir(path)  # mode 0o777 minus the umask, like any folder the user creates (mkdtemp would give 0o700)
-            return path
-        except FileExistsError:
-            continue
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.remove(path)
-
-
 def _publish(tmp: str, dst: str, force: bool) -> None:
-    """Rename the finished folder ``tmp`` to ``dst``. An existing ``dst`` (only with ``force``) is first moved
-    aside and deleted once the new folder is in place: at every moment one of the two is complete on disk."""
+    """Rename the finished folder ``tmp`` to ``dst``. An existing ``dst`` (only with ``force``, and only an earlier
+    conversion) is first moved aside and deleted once the new folder is in place: at every moment one of the two is
+    complete on disk (a kill in between is repaired by the next run's clean_stale)."""
     parent = os.path.dirname(dst)
+    os.remove(os.path.join(tmp, OWNER_FILE))
     if os.path.lexists(dst):
-        if not force:  # it appeared while we were converting
-            raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+        _check_existing_dst(dst, force)  # it may have appeared or changed while we were converting
         aside = _new_name(parent, os.path.basename(dst) + ".old")
-        os.rename(dst, aside)
+        _write_owner(dst)  # the aside copy is then recognisably ours (clean_stale)
+        try:
+            os.rename(dst, aside)
+        except BaseException:
+            os.remove(os.path.join(dst, OWNER_FILE))
+            raise
         try:
             os.rename(tmp, dst)
         except BaseException:
             os.rename(aside, dst)
+            os.remove(os.path.join(dst, OWNER_FILE))
             raise
         _fsync_path(parent)
         try:
@@ -318,23 +286,55 @@ def _publish(tmp: str, dst: str, force: bool) -> None:
         _fsync_path(parent)
 
 
-def _check_paths(src: str, dst: str) -> None:
+def is_conversion(path: str) -> bool:
+    """True for a folder written by this converter: its config.json carries the glm4v_ms layout marker."""
+    config = os.path.join(path, CONFIG_FILE)
+    if os.path.islink(path) or not os.path.isdir(path) or not os.path.isfile(config):
+        return False
+    try:
+        with open(config, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get(LAYOUT_KEY), dict) and "layout" in raw[LAYOUT_KEY]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_paths(src: str, dst: str, dst_arg: str = "x") -> None:
     if not os.path.isdir(src):
         raise FileNotFoundError(f"SRC folder not found: {src} (expected a Hugging Face GLM-4.1V folder with "
                                 "config.json and safetensors weights)")
+    if not str(dst_arg).strip():
+        raise ValueError("DST is empty; give the path of a new folder for the converted checkpoint")
     rs, rd = os.path.realpath(src), os.path.realpath(dst)
     if rd == rs:
         raise ValueError(f"DST {dst} is the same folder as SRC; write the converted folder to a new path")
-    if rd.startswith(rs.rstrip(os.sep) + os.sep):
+    if _inside(rd, rs):
         raise ValueError(f"DST {dst} is inside SRC {src}; write the converted folder outside the source folder")
-    if rs.startswith(rd.rstrip(os.sep) + os.sep):
+    if _inside(rs, rd):
         raise ValueError(f"SRC {src} is inside DST {dst}; replacing DST would delete the source: choose another DST")
+    for special, what in ((os.getcwd(), "the working directory"), (os.path.expanduser("~"), "the home directory"),
+                          (os.sep, "the root folder")):
+        rsp = os.path.realpath(special)
+        if rd == rsp or _inside(rsp, rd):
+            where = "is" if rd == rsp else "contains"
+            raise ValueError(f"DST {dst} {where} {what}; it is never replaced: give a new folder path such as "
+                             f"{os.path.join(os.path.dirname(rs), os.path.basename(rs) + '-glm4v_ms')}")
 
 
-def _check_dst_free(dst: str, force: bool) -> None:
-    if os.path.lexists(dst) and not force:
-        raise FileExistsError(f"DST {dst} already exists; pass --force (force=True) to replace it, or choose "
-                              "another path")
+def _check_existing_dst(dst: str, force: bool) -> None:
+    if not os.path.lexists(dst):
+        return
+    if not is_conversion(dst):
+        raise FileExistsError(f"DST {dst} already exists and is not a folder written by tools/convert.py (no "
+                              f"'{LAYOUT_KEY}' layout marker in its config.json); it is never replaced, whatever "
+                              "the flags: choose another path")
+    if not force:
+        raise FileExistsError(f"DST {dst} already exists; pass --force (force=True) to replace this earlier "
+                              "conversion, or choose another path")
 
 
 def _read_config(src: str) -> Tuple[dict, Glm4vConfig]:
@@ -355,20 +355,35 @@ def _read_config(src: str) -> Tuple[dict, Glm4vConfig]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def convert_checkpoint(src: str, dst: str, force: bool = False, verify: bool = False,
-                       shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, progress: bool = True) -> Dict:
+                       shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, progress: bool = True,
+                       log: Optional[Callable[[str], None]] = None) -> Dict:
     """Convert the Hugging Face GLM-4.1V folder ``src`` into ``dst`` (see the module docstring).
 
     ``shard_size``: bytes of tensor data per output shard (int, or a string like "5GB", "500MB");
     ``verify``: re-read every written tensor and compare it bit for bit before publishing; ``progress``: a progress
-    bar on stderr. Returns a summary: src, dst, tensors, bytes, shards, seconds, verified, dropped (source tensors
-    left out: a tied model's lm_head.weight), copied (other files copied)."""
+    bar on stderr; ``log``: called with each notice (stale temporaries cleaned, warnings about SRC's tokenizer
+    files). ``force`` replaces an existing DST only when it is itself an earlier conversion (``is_conversion``);
+    any other existing DST, an empty DST, DST equal to / inside / containing SRC, the working directory or the
+    home directory are always refused. Returns a summary: src, dst, tensors, bytes, shards, seconds, verified,
+    dropped (source tensors left out: a tied model's lm_head.weight), copied (other files copied), cleaned (stale
+    temporaries dealt with), warnings (what SRC lacks for generate.py: tokenizer, chat template, ...)."""
     t0 = time.monotonic()
+    dst_arg = os.fspath(dst)
     src = os.path.abspath(os.fspath(src))
-    dst = os.path.abspath(os.fspath(dst))
+    dst = os.path.abspath(dst_arg)
     limit = parse_size(shard_size)
-    _check_paths(src, dst)
+    _check_paths(src, dst, dst_arg)
     raw, config = _read_config(src)
-    _check_dst_free(dst, force)
+    cleaned = clean_stale(dst, log)
+    _check_existing_dst(dst, force)
+    from .pipeline import model_folder_problems
+
+    # The weights convert without them, but generate.py needs the tokenizer, template and processor files: say so.
+    notes = [f"warning: {p.replace(src, 'SRC ' + src, 1)}; DST loads as a model, but generate.py will refuse it"
+             for p in model_folder_problems(src) if not p.startswith(os.path.join(src, CONFIG_FILE))]
+    for note in notes:
+        if log is not None:
+            log(note)
 
     # The model built from the config gives the parameter names and shapes (its parameters are lazy: no memory).
     model = Glm4vForConditionalGeneration(config, ms.bfloat16)
@@ -417,4 +432,5 @@ def convert_checkpoint(src: str, dst: str, force: bool = False, verify: bool = F
         shutil.rmtree(tmp, ignore_errors=True)  # gone already if _publish renamed it
         raise
     return {"src": src, "dst": dst, "tensors": len(tensors), "bytes": total, "shards": len(shards),
-            "seconds": time.monotonic() - t0, "verified": bool(verify), "dropped": dropped, "copied": copied}
+            "seconds": time.monotonic() - t0, "verified": bool(verify), "dropped": dropped, "copied": copied,
+            "cleaned": cleaned, "warnings": notes}

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import time
@@ -18,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from ..runtime.generation import GenerationConfig, Piece, StepStats, stream_generate
+from ..processing.media import MediaOptions
 from ..runtime.output import Box, parse_boxes, rescale_boxes, split_thinking
 
 TINY_RANDOM = "tiny-random"
@@ -67,6 +70,162 @@ def resolve_model(name: str) -> str:
                              "zai-org/GLM-4.1V-9B-Thinking, or tiny-random)")
 
 
+class ModelFolderError(ValueError):
+    """A model folder's config, tokenizer, chat template or processor files are missing or broken."""
+
+
+# Files a folder may carry; each one present must be valid JSON.
+_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+               "video_preprocessor_config.json", "chat_template.json", "generation_config.json",
+               "special_tokens_map.json")
+
+
+def model_folder_problems(folder: str) -> List[str]:
+    """What a folder lacks for ``generate.py``, one message per problem, each naming its file; [] when complete.
+
+    Checked without loading weights or the tokenizer: config.json (present, valid JSON, a GLM-4.1V config), every
+    JSON file present parses, the tokenizer (tokenizer.json, and tokenizer_config.json that names the tokenizer
+    class), a chat template (tokenizer_config.json's ``chat_template``, chat_template.jinja or chat_template.json),
+    preprocessor_config.json's fields when present (absent: transformers' defaults are used, as transformers does)."""
+    from ..model.config import Glm4vConfig
+    from ..processing.image_processing import ImageProcessorConfig
+
+    problems: List[str] = []
+    parsed: Dict[str, object] = {}
+    for name in _JSON_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                parsed[name] = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            problems.append(f"{path}: not readable as JSON ({str(e).splitlines()[0][:120]}); re-download the file")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        problems.insert(0, f"{config_path}: missing (a GLM-4.1V model folder needs config.json)")
+    elif "config.json" in parsed:
+        try:
+            Glm4vConfig.from_dict(parsed["config.json"])
+        except (ValueError, TypeError, KeyError) as e:
+            problems.insert(0, f"{config_path}: {str(e).splitlines()[0]}")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not os.path.exists(os.path.join(folder, name)):
+            problems.append(f"{os.path.join(folder, name)}: missing (the tokenizer); copy the tokenizer files of "
+                            "the original checkpoint into the folder")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        if name in parsed and not isinstance(parsed[name], dict):
+            problems.append(f"{os.path.join(folder, name)}: expected a JSON object, got "
+                            f"{type(parsed[name]).__name__}; re-download the file")
+    tok_cfg = parsed.get("tokenizer_config.json")
+    has_template = (isinstance(tok_cfg, dict) and tok_cfg.get("chat_template")) or \
+        os.path.isfile(os.path.join(folder, "chat_template.jinja")) or \
+        (isinstance(parsed.get("chat_template.json"), dict) and parsed["chat_template.json"].get("chat_template"))
+    if not has_template and "tokenizer_config.json" in parsed:
+        problems.append(f"{folder}: no chat template (none in tokenizer_config.json, no chat_template.jinja or "
+                        "chat_template.json); copy it from the original checkpoint")
+    pre = parsed.get("preprocessor_config.json")
+    if isinstance(pre, dict):
+        path = os.path.join(folder, "preprocessor_config.json")
+        try:
+            ImageProcessorConfig.from_dict(pre, path)
+        except (ValueError, TypeError, KeyError) as e:
+            msg = str(e).splitlines()[0]
+            problems.append(msg if path in msg else f"{path}: {msg}")
+    return problems
+
+
+def check_model_folder(folder: str) -> None:
+    """Raise ``ModelFolderError`` with the first of ``model_folder_problems`` (see there)."""
+    problems = model_folder_problems(folder)
+    if problems:
+        extra = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ModelFolderError(problems[0] + extra)
+
+
+def load_processor(folder: str, media_options: Optional[MediaOptions] = None):
+    """The folder's processor (tokenizer, chat template, preprocessing), after ``check_model_folder``; a tokenizer
+    that still fails to load becomes one ``ModelFolderError`` line naming the folder's tokenizer files."""
+    from ..processing.processor import Glm4vProcessor, PromptError
+
+    check_model_folder(folder)
+    try:
+        return Glm4vProcessor.from_pretrained(folder, media_options=media_options)
+    except (ModelFolderError, PromptError):
+        raise
+    except Exception as e:  # transformers / tokenizers raise many types for a broken tokenizer
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelFolderError(f"{os.path.join(folder, 'tokenizer.json')}: the tokenizer could not be loaded "
+                               f"({type(e).__name__}: {msg}); re-download the tokenizer files") from None
+
+
+@dataclass
+class PreparedMedia:
+    """A request's media after ``prepare_media``: images decoded (PIL), remote video / PDF bytes fetched once."""
+    images: List = field(default_factory=list)
+    video: object = None
+    pdf: object = None
+    pdf_pages: object = None
+    pdf_dpi: Optional[float] = None
+
+
+def prepare_media(images: Sequence = (), video=None, pdf=None, pdf_pages=None, pdf_dpi=None,
+                  options: Optional[MediaOptions] = None) -> PreparedMedia:
+    """Check (and load) every media input of a request before any model is loaded, so that a typo costs seconds.
+
+    Images are decoded in full (so all their errors surface here, named by their path or URL); a PDF given as an
+    image is refused (use ``pdf``: its pages are then chosen with ``pdf_pages`` and rendered at ``pdf_dpi``); a video
+    is opened and its stream checked; a PDF is opened, its page count read and ``pdf_pages`` checked against it, and
+    the size of every selected page at ``pdf_dpi`` checked against the pixel limit. URLs are fetched here, once."""
+    from ..processing.media import (UnreadableMediaError, _check_pixels, check_dpi, describe, is_pdf, load_image,
+                                    page_ranges, parse_pages, pdf_page_count, probe_video, source_data)
+
+    options = options or MediaOptions()
+    out = PreparedMedia(pdf_pages=pdf_pages)
+    for source in images:
+        if isinstance(source, (str, os.PathLike, bytes, bytearray)):
+            name = describe(source)
+            data = source_data(source, options)
+            if is_pdf(data):
+                raise UnreadableMediaError(name, "is a PDF document, not an image",
+                                           "pass it with --pdf (pdf=...): each page becomes an image")
+            out.images.append(load_image(data, options, name=name))
+        else:
+            out.images.append(load_image(source, options))
+    if video is not None:
+        data = source_data(video, options) if isinstance(video, (str, os.PathLike)) else video
+        if isinstance(data, (str, bytes)):
+            probe_video(data, options, name=describe(video))
+        out.video = video if isinstance(data, str) else data
+    if pdf_dpi is not None:
+        out.pdf_dpi = check_dpi(pdf_dpi, "--pdf_dpi (pdf_dpi)")
+    if pdf is None:
+        if pdf_pages is not None:
+            raise ValueError("--pdf_pages (pdf_pages) needs a --pdf document")
+        return out
+    name = describe(pdf)
+    if pdf_pages is not None:
+        page_ranges(pdf_pages, name)  # the syntax, before the file is read
+    data = source_data(pdf, options)
+    if not is_pdf(data):
+        raise UnreadableMediaError(name, "is not a PDF document (no %PDF- header)",
+                                   "pass images with --image, PDF files with --pdf")
+    count = pdf_page_count(data, options, name=name)
+    selected = parse_pages(pdf_pages, count, name)
+    import pypdfium2 as pdfium
+
+    document = pdfium.PdfDocument(data)
+    try:
+        scale = (out.pdf_dpi or options.pdf_dpi) / 72.0
+        for index in sorted(set(selected)):
+            width_pt, height_pt = document[index].get_size()
+            _check_pixels(round(width_pt * scale), round(height_pt * scale), f"{name} page {index + 1}", options)
+    finally:
+        document.close()
+    out.pdf = pdf if isinstance(data, str) else data
+    return out
+
+
 @dataclass
 class ChatResult:
     thinking: str = ""
@@ -89,21 +248,63 @@ class ChatResult:
                 "thinking_cut_at": s.thinking_cut[0] if s.thinking_cut else -1}
 
 
+def number_type(kind, lo=None, hi=None, lo_open=False, what=""):
+    """An argparse type: ``kind`` (int / float) within [lo, hi] (``lo_open``: lo excluded), finite; the message says
+    the allowed range (argparse prefixes it with the flag's name)."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'}")
+        bad = (isinstance(value, float) and not math.isfinite(value)) or (lo is not None and (
+            value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+        if bad:
+            rng = what or (f"> {lo}" if lo_open else f">= {lo}") + (f" and <= {hi}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text[:40]}")
+        return value
+
+    parse.__name__ = "integer" if kind is int else "number"  # argparse names the type in its messages
+    return parse
+
+
 def add_generation_arguments(parser, seed_help: str = "sampling seed (reproducible draws)") -> None:
     """The generation flags of the command-line tools (generate.py, tools/batch_infer.py), with the official
-    recipe's defaults (generation.OFFICIAL_SAMPLING, 8192 new tokens)."""
+    recipe's defaults (generation.OFFICIAL_SAMPLING, 8192 new tokens). Out-of-range values are refused by argparse
+    (exit 2, the flag named), before anything is loaded."""
     from ..runtime.generation import OFFICIAL_SAMPLING as rec
 
-    parser.add_argument("--max_new_tokens", type=int, default=8192)
-    parser.add_argument("--max_thinking_tokens", type=int, default=None,
+    parser.add_argument("--max_new_tokens", type=number_type(int, 1), default=8192)
+    parser.add_argument("--max_thinking_tokens", type=number_type(int, 0), default=None,
                         help="force </think><answer> after this many thinking tokens (official 'academic' recipe: "
                              "8192)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample off)")
-    parser.add_argument("--temperature", type=float, default=rec["temperature"])
-    parser.add_argument("--top_k", type=int, default=rec["top_k"])
-    parser.add_argument("--top_p", type=float, default=rec["top_p"])
-    parser.add_argument("--repetition_penalty", type=float, default=rec["repetition_penalty"])
-    parser.add_argument("--seed", type=int, default=None, help=seed_help)
+    parser.add_argument("--temperature", type=number_type(float, 0, lo_open=True), default=rec["temperature"])
+    parser.add_argument("--top_k", type=number_type(int, 0), default=rec["top_k"], help="0: no top-k filter")
+    parser.add_argument("--top_p", type=number_type(float, 0, 1, lo_open=True, what="in (0, 1]"), default=rec["top_p"])
+    parser.add_argument("--repetition_penalty", type=number_type(float, 0, lo_open=True),
+                        default=rec["repetition_penalty"])
+    parser.add_argument("--seed", type=number_type(int, 0, 2**64 - 1, what="in [0, 2**64)"), default=None,
+                        help=seed_help)
+
+
+def add_media_arguments(parser) -> None:
+    """URL fetch limits (media.MediaOptions) as command-line flags."""
+    d = MediaOptions()
+    parser.add_argument("--fetch_timeout", type=number_type(float, 0, lo_open=True), default=d.timeout,
+                        help=f"seconds to connect to a URL and for each read (default {d.timeout:g})")
+    parser.add_argument("--fetch_deadline", type=number_type(float, 0, lo_open=True), default=d.fetch_deadline,
+                        help=f"seconds for a whole URL download (default {d.fetch_deadline:g})")
+    parser.add_argument("--min_fetch_rate", type=number_type(float, 0), default=d.min_fetch_rate,
+                        help=f"bytes/s a URL download must average after {d.rate_grace:g} s (default "
+                             f"{d.min_fetch_rate:g}; 0: no floor)")
+
+
+def media_options(args) -> MediaOptions:
+    """The flags of add_media_arguments -> MediaOptions."""
+    return MediaOptions(timeout=args.fetch_timeout, fetch_deadline=args.fetch_deadline,
+                        min_fetch_rate=args.min_fetch_rate)
 
 
 def generation_knobs(args) -> Dict:
@@ -122,14 +323,15 @@ class Glm4vPipeline:
     @classmethod
     def from_pretrained(cls, name: str, dtype: str = "float32", device: str = "CPU",
                         mode: str = "graph", quantized_weights: str = "auto",
-                        tensor_parallel=None, progress: bool = False) -> "Glm4vPipeline":
-        """``tensor_parallel``: a parallel.TPContext (under msrun) to load this rank's part of the decoder.
+                        tensor_parallel=None, media_options: Optional[MediaOptions] = None,
+                        progress: bool = False) -> "Glm4vPipeline":
+        """``tensor_parallel``: a parallel.TPContext (under msrun) to load this rank's part of the decoder;
+        ``media_options``: URL limits, pixel cap and PDF dpi of the processor.
         ``progress``: report on stderr the weights being read (bytes, shard, rate, ETA) and, in graph mode, each
         graph compile (progress.Progress and progress.StepLog: redrawn on a terminal, one line per event in a log).
         Silent by default."""
         from ..model import ops
         from ..model.glm4v import Glm4vForConditionalGeneration
-        from ..processing.processor import Glm4vProcessor
         from ..progress import Progress, StepLog
 
         t0 = time.perf_counter()
@@ -144,6 +346,8 @@ class Glm4vPipeline:
             bars.append(Progress(total, unit="B", desc="loading weights"))
             return bars[-1]
 
+        # Tokenizer, template and processor configs first: a broken file costs seconds, not a whole model load.
+        processor = load_processor(folder, media_options)
         try:
             model = Glm4vForConditionalGeneration.from_pretrained(
                 folder, dtype=dtype, quantized_weights=quantized_weights,
@@ -152,7 +356,6 @@ class Glm4vPipeline:
         finally:  # after a failure too: the bar's line is finished before the error is printed
             for b in bars:
                 b.close()
-        processor = Glm4vProcessor.from_pretrained(folder)
         pipe = cls(model, processor, model.generation_config, folder, mode)
         if progress and mode == "graph":
             from ..runtime.engine import graph_runner
@@ -176,7 +379,7 @@ class Glm4vPipeline:
             item = {"type": "document", "document": pdf}
             if pdf_pages:
                 item["pages"] = pdf_pages
-            if pdf_dpi:
+            if pdf_dpi is not None:
                 item["dpi"] = pdf_dpi
             content.append(item)
         content += [{"type": "image", "image": im} for im in images]

@@ -70,12 +70,35 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
+def _check_target(folder: str, overwrite: bool) -> None:
+    """Refuse, with one line naming the path, what would fail half-way or destroy data: a path under a file, an
+    existing file, and (even with ``overwrite``) an existing folder that is not a model folder (no config.json; an
+    empty folder is fine), the working or the home directory."""
+    probe = os.path.dirname(folder)
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe) if os.path.dirname(probe) != probe else ""
+    if probe and not os.path.isdir(probe):
+        raise NotADirectoryError(f"cannot create {folder}: {probe} is a file, not a folder; choose another path")
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        raise FileExistsError(f"{folder} already exists and is not a folder; choose another path")
+    real = os.path.realpath(folder)
+    for special, what in ((os.getcwd(), "the working directory"), (os.path.expanduser("~"), "the home directory")):
+        if real == os.path.realpath(special):
+            raise FileExistsError(f"{folder} is {what}; it is never replaced: choose a new folder path")
+    if not overwrite:
+        raise FileExistsError(f"{folder} already exists; pass overwrite=True (--force) to replace it")
+    if os.listdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileExistsError(f"{folder} is not a model folder (no config.json) and is not empty; it is never "
+                              "replaced, even with --force: choose another path")
+
+
 def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False) -> str:
     """Create a complete HF-layout GLM-4.1V folder at ``folder``: config.json, model.safetensors, tokenizer files
     with the chat template, preprocessor_config.json and generation_config.json. Returns the folder."""
     folder = os.path.abspath(folder)
-    if os.path.exists(folder) and not overwrite:
-        raise FileExistsError(f"{folder} already exists; pass overwrite=True (--force) to replace it")
+    _check_target(folder, overwrite)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)

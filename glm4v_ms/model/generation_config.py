@@ -57,6 +57,12 @@ class GenerationConfig:
                 raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
             if not 0 < self.top_p <= 1:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:
+            raise ValueError(f"max_thinking_tokens must be >= 0, got {self.max_thinking_tokens}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         bad = [e for e in self.eos_token_id if not 0 <= e < vocab_size]

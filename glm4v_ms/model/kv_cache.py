@@ -59,25 +59,74 @@ class CacheFullError(ValueError):
     """More tokens than the cache was allocated for (prompt + max_new_tokens)."""
 
 
+class CacheTooLargeError(ValueError):
+    """The KV cache asked for does not fit in the memory there is (e.g. an absurd max_position_embeddings)."""
+
+
+def cache_bytes(cfg: TextConfig, batch: int, max_len: int, itemsize: int) -> int:
+    """Bytes of the K and V buffers of every layer for ``batch`` rows of ``max_len`` positions."""
+    return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * max_len * cfg.head_dim * itemsize
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of host memory available now (Linux MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", "r", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_cache_size(cfg: TextConfig, batch: int, max_len: int, itemsize: int, host: bool = True) -> None:
+    """Refuse a cache that cannot fit, with one line saying why, before anything is allocated: more positions than
+    max_position_embeddings, or (``host``: the cache lives in host memory, as on CPU) more bytes than are free."""
+    if max_len > cfg.max_position_embeddings:
+        raise CacheFullError(f"requested context of {max_len} tokens exceeds the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or "
+                             "lower max_new_tokens")
+    need = cache_bytes(cfg, batch, max_len, itemsize)
+    free = available_memory() if host else None
+    if free is not None and need > free:
+        raise CacheTooLargeError(
+            f"the KV cache for {batch} x {max_len} tokens needs {need / 2**30:.1f} GiB ({cfg.num_hidden_layers} "
+            f"layers x {cfg.num_key_value_heads} KV heads x {cfg.head_dim} dims), more than the "
+            f"{free / 2**30:.1f} GiB of memory available; lower --max_new_tokens (config max_position_embeddings="
+            f"{cfg.max_position_embeddings})")
+
+
 class KVCache:
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype=ms.float32, buffers=None):
         """``buffers``: the (k, v) lists of an earlier cache of the same shape to reuse (engine.GraphRunner pools
         them: a compiled graph is bound to its Parameter objects, so new buffers would mean a new compile)."""
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"KVCache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
-        if max_len > cfg.max_position_embeddings:
-            raise CacheFullError(f"requested context of {max_len} tokens exceeds the model's "
-                                 f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or "
-                                 "lower max_new_tokens")
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         if buffers is None:
+            from .ops import device_target
+
+            itemsize = 2 if dtype in (ms.bfloat16, ms.float16) else 4
+            check_cache_size(cfg, batch, max_len, itemsize, host=device_target() in (None, "CPU"))
             uid = next(_IDS)
 
             def buf(kind, i):  # Parameters: updated in place by ScatterNdUpdate, eagerly and inside jit
                 return Parameter(mint.zeros(shape, dtype=dtype), name=f"kvcache{uid}.{kind}{i}", requires_grad=False)
 
-            buffers = ([buf("k", i) for i in range(cfg.num_hidden_layers)],
-                       [buf("v", i) for i in range(cfg.num_hidden_layers)])
+            try:
+                buffers = ([buf("k", i) for i in range(cfg.num_hidden_layers)],
+                           [buf("v", i) for i in range(cfg.num_hidden_layers)])
+            except RuntimeError as e:  # device memory (Ascend) is not checked above: MindSpore's allocation says
+                if "memory" not in str(e).lower():
+                    raise
+                need = cache_bytes(cfg, batch, max_len, itemsize)
+                raise CacheTooLargeError(f"the KV cache for {batch} x {max_len} tokens ({need / 2**30:.1f} GiB) "
+                                         "could not be allocated on the device; lower --max_new_tokens") from None
+        elif max_len > cfg.max_position_embeddings:
+            raise CacheFullError(f"requested context of {max_len} tokens exceeds the model's "
+                                 f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or "
+                                 "lower max_new_tokens")
         self.k, self.v = buffers
         if tuple(self.k[0].shape) != shape or self.k[0].dtype != dtype:
             raise ValueError(f"reused cache buffers have shape {tuple(self.k[0].shape)} / {self.k[0].dtype}, "

@@ -6,6 +6,11 @@ numpy arrays (HWC or HW; uint8, uint16, or float in [0, 1]). Remote fetches have
 description of an in-memory object) and ends with what to do about it.
 
 PyAV (videos) and pypdfium2 (PDFs) are optional; a missing one raises ``MissingDependencyError`` with the pip command.
+
+Why this module is long: it is the one place where user-supplied sources are opened, so every guard (regular files
+only, URL deadline / rate floor / size cap, pixel limit, page ranges) shares one error hierarchy and one
+``MediaOptions``; the sections (errors, sources and fetching, images, PDF, video) are independent and short, and
+splitting them would make each import the others' errors and options.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ import base64
 import binascii
 import contextlib
 import io
+import math
 import os
 import re
+import http.client
 import socket
+import stat
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -85,7 +94,12 @@ class MissingDependencyError(ImportError):
 class MediaOptions:
     """How sources are fetched and guarded.
 
-    timeout: seconds for connecting to and reading from a URL.
+    timeout: seconds for connecting to a URL and for each read from it (a server silent that long is given up).
+    fetch_deadline: seconds for a whole URL download, headers included (a server that trickles a byte every few
+        seconds never trips ``timeout``; this bounds it).
+    min_fetch_rate: bytes per second a download must average once ``rate_grace`` seconds have passed; 0 turns the
+        floor off.
+    rate_grace: seconds before ``min_fetch_rate`` applies (connection set-up and slow starts are not penalised).
     max_fetch_bytes: a download larger than this is refused (checked on Content-Length and while reading).
     max_image_pixels: images (and rendered PDF pages) with more pixels raise ``ImageTooLargeError``; defaults to
         PIL's decompression-bomb threshold, so PIL's own warning becomes an error.
@@ -93,9 +107,23 @@ class MediaOptions:
     """
 
     timeout: float = 10.0
+    fetch_deadline: float = 300.0
+    min_fetch_rate: float = 1024.0
+    rate_grace: float = 10.0
     max_fetch_bytes: int = 200 * 1024 * 1024
     max_image_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
     pdf_dpi: float = 180.0
+
+    def __post_init__(self):
+        for name in ("timeout", "fetch_deadline", "pdf_dpi"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"MediaOptions.{name} must be a positive number of "
+                                 f"{'dots per inch' if name == 'pdf_dpi' else 'seconds'}, got {value!r}")
+        for name in ("min_fetch_rate", "rate_grace"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"MediaOptions.{name} must be a number >= 0, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- source naming
@@ -154,10 +182,22 @@ def check_file(path: str, name: str) -> None:
     if not os.path.exists(path):
         raise MediaNotFoundError(name, "no such file", "check the path (relative paths are taken from "
                                  f"{os.getcwd()})")
-    if os.path.isdir(path):
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
         raise UnreadableMediaError(name, "is a directory, not a file", "pass the path of an image, video or PDF")
+    if not stat.S_ISREG(mode):  # never opened: a FIFO would block, /dev/zero or /dev/urandom never end
+        raise UnreadableMediaError(name, f"is not a regular file (it is a {_file_kind(mode)})",
+                                   "save the data to a file and pass its path")
     if os.path.getsize(path) == 0:
         raise EmptyMediaError(name, "file is empty (0 bytes)", "re-create or re-download the file")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _decode_data_uri(uri: str) -> bytes:
@@ -177,22 +217,113 @@ def _decode_data_uri(uri: str) -> bytes:
     return data
 
 
+class _Watchdog:
+    """Shuts the fetch's socket down when the deadline passes, wherever the fetch is blocked (connecting, reading
+    headers, reading the body): the socket timeout alone bounds each read, not their sum."""
+
+    def __init__(self, seconds: float):
+        self.fired = False
+        self._sockets: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.fired:
+                self._shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+
+
+def _opener(watchdog: _Watchdog):
+    """A urllib opener whose HTTP(S) connections register their socket with ``watchdog`` (proxies and redirects as
+    in urllib's default opener)."""
+
+    def watched(base):
+        class Connection(base):
+            def connect(self):
+                super().connect()
+                watchdog.watch(self.sock)
+        return Connection
+
+    http_conn, https_conn = watched(http.client.HTTPConnection), watched(http.client.HTTPSConnection)
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_conn, req)
+
+    class SecureHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_conn, req, context=self._context)
+
+    return urllib.request.build_opener(Handler, SecureHandler)
+
+
 def _fetch(url: str, options: MediaOptions) -> bytes:
-    cap = options.max_fetch_bytes
+    """Download ``url`` within ``options.fetch_deadline`` seconds in total, at least ``options.min_fetch_rate``
+    bytes/s on average after ``options.rate_grace`` seconds, at most ``options.max_fetch_bytes`` bytes."""
+    cap, deadline = options.max_fetch_bytes, options.fetch_deadline
     request = urllib.request.Request(url, headers={"User-Agent": "glm4v_ms"})
-    try:
-        with urllib.request.urlopen(request, timeout=options.timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > cap:
-                raise FetchError(url, f"download of {int(length)} bytes exceeds the {cap}-byte cap",
-                                 "raise MediaOptions.max_fetch_bytes or fetch the file yourself")
-            data = response.read(cap + 1)  # one byte over the cap tells "too big" from "exactly the cap"
-    except urllib.error.HTTPError as e:
-        raise FetchError(url, f"HTTP error {e.code} {e.reason}", "check the URL") from None
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-        reason = getattr(e, "reason", e)
-        raise FetchError(url, f"could not fetch ({reason})",
-                         f"check the URL and network; the timeout is {options.timeout} s") from None
+    chunks: List[bytes] = []
+    received = 0
+    start = time.monotonic()
+    too_slow = None
+    with _Watchdog(deadline) as watchdog:
+        try:
+            with _opener(watchdog).open(request, timeout=min(options.timeout, deadline)) as response:
+                length = response.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) > cap:
+                    raise FetchError(url, f"download of {int(length)} bytes exceeds the {cap}-byte cap",
+                                     "raise MediaOptions.max_fetch_bytes or fetch the file yourself")
+                while received <= cap:  # one byte over the cap tells "too big" from "exactly the cap"
+                    chunk = response.read1(min(1 << 16, cap + 1 - received))  # returns what one read got
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    received += len(chunk)
+                    elapsed = time.monotonic() - start
+                    if elapsed > options.rate_grace and received < options.min_fetch_rate * elapsed:
+                        too_slow = elapsed
+                        break
+        except FetchError:
+            raise
+        except urllib.error.HTTPError as e:
+            raise FetchError(url, f"HTTP error {e.code} {e.reason}", "check the URL") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            if watchdog.fired:
+                raise FetchError(url, f"download not finished within the {deadline:g} s deadline ({received} bytes "
+                                 "received)", "raise --fetch_deadline (MediaOptions.fetch_deadline) or fetch the "
+                                 "file yourself") from None
+            reason = getattr(e, "reason", None) or e
+            raise FetchError(url, f"could not fetch ({reason})",
+                             f"check the URL and network; the timeout is {options.timeout} s") from None
+    if too_slow is not None:
+        raise FetchError(url, f"download too slow: {received} bytes in {too_slow:.1f} s, under the floor of "
+                         f"{options.min_fetch_rate:g} bytes/s", "lower --min_fetch_rate "
+                         "(MediaOptions.min_fetch_rate; 0 turns it off) or fetch the file yourself")
+    if watchdog.fired:  # the deadline passed just as the last read returned: the data may be cut short
+        raise FetchError(url, f"download not finished within the {deadline:g} s deadline ({received} bytes "
+                         "received)", "raise --fetch_deadline (MediaOptions.fetch_deadline) or fetch the file "
+                         "yourself")
+    data = b"".join(chunks)
     if len(data) > cap:
         raise FetchError(url, f"download exceeds the {cap}-byte cap",
                          "raise MediaOptions.max_fetch_bytes or fetch the file yourself")
@@ -320,26 +451,66 @@ def array_to_image(array: np.ndarray, name: str) -> Image.Image:
 
 
 # -------------------------------------------------------------------------------------------------------------- PDF
+def excerpt(value, limit: int = 40) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages that quote user input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def page_ranges(pages, name: str):
+    """1-based page selection (int, iterable of ints, or "1-3,5") -> list of (first, last) ranges, parsed without
+    expanding them (a range like 1-99999999999 costs nothing). Raises ``PageRangeError`` for bad syntax."""
+    def bad(detail: str = ""):
+        return PageRangeError(name, f"cannot parse page range {excerpt(pages)}{detail}", "use e.g. '1-3,5' (1-based)")
+
+    if isinstance(pages, bool):
+        raise bad()
+    if isinstance(pages, int):
+        return [(pages, pages)]
+    if isinstance(pages, str):
+        ranges = []
+        for part in pages.replace(" ", "").split(","):
+            lo, dash, hi = part.partition("-")
+            if not lo.isdigit() or (dash and not hi.isdigit()) or not lo.isascii() or not hi.isascii():
+                raise bad()
+            if len(lo) > 18 or len(hi) > 18:  # no PDF has that many pages; also keeps int() cheap
+                raise PageRangeError(name, f"page number in {excerpt(part)} is far beyond any document",
+                                     "page numbers start at 1")
+            first, last = int(lo), int(hi or lo)
+            if last < first:
+                raise PageRangeError(name, f"page range {excerpt(part)} runs backwards", "write e.g. '3-5', not '5-3'")
+            ranges.append((first, last))
+        return ranges
+    try:
+        return [(int(p), int(p)) for p in pages]
+    except (TypeError, ValueError):
+        raise bad(" (expected page numbers)") from None
+
+
 def parse_pages(pages, num_pages: int, name: str) -> List[int]:
-    """1-based page numbers (int, iterable, or "1-3,5") -> 0-based indices; None means every page."""
+    """1-based page numbers (int, iterable, or "1-3,5") -> 0-based indices; None means every page. Every range is
+    checked against ``num_pages`` before any list is built, so only valid selections are expanded."""
     if pages is None:
         return list(range(num_pages))
-    if isinstance(pages, int):
-        numbers = [pages]
-    elif isinstance(pages, str):
-        numbers = []
-        for part in pages.replace(" ", "").split(","):
-            lo, _, hi = part.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise PageRangeError(name, f"cannot parse page range {pages!r}", "use e.g. '1-3,5' (1-based)")
-            numbers.extend(range(int(lo), int(hi or lo) + 1))
-    else:
-        numbers = [int(p) for p in pages]
-    bad = [p for p in numbers if not 1 <= p <= num_pages]
-    if bad or not numbers:
-        raise PageRangeError(name, f"pages {bad or pages!r} are outside the document's 1..{num_pages}",
-                             "page numbers start at 1")
-    return [p - 1 for p in numbers]
+    ranges = page_ranges(pages, name)
+    outside = [(a, b) for a, b in ranges if a < 1 or b > num_pages]
+    if outside or not ranges:
+        shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in outside[:3])
+        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+        raise PageRangeError(name, f"pages {shown + more if outside else excerpt(pages)} are outside the document's "
+                             f"1..{num_pages}", "page numbers start at 1")
+    return [p - 1 for a, b in ranges for p in range(a, b + 1)]
+
+
+def check_dpi(dpi, name: str = "pdf dpi") -> float:
+    """A PDF render resolution must be a finite positive number (0 is an error, not "the default")."""
+    try:
+        value = float(dpi)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of dots per inch (e.g. 180), got {excerpt(dpi)}")
+    return value
 
 
 def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[MediaOptions] = None,
@@ -352,7 +523,7 @@ def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[
     except ImportError:
         raise MissingDependencyError(f"{name}: reading PDF documents needs pypdfium2; install it with "
                                      f"`pip install {PYPDFIUM2_PIN}`") from None
-    dpi = float(dpi or options.pdf_dpi)
+    dpi = options.pdf_dpi if dpi is None else check_dpi(dpi)
     data = source_data(source, options)
     try:
         document = pdfium.PdfDocument(data)
@@ -369,6 +540,50 @@ def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[
         return images
     finally:
         document.close()
+
+
+def pdf_page_count(source, options: Optional[MediaOptions] = None, name: Optional[str] = None) -> int:
+    """Open a PDF (path or bytes) only to count its pages: the same errors as ``load_pdf``, nothing rendered."""
+    options = options or MediaOptions()
+    name = name or describe(source)
+    try:
+        import pypdfium2 as pdfium
+    except ImportError:
+        raise MissingDependencyError(f"{name}: reading PDF documents needs pypdfium2; install it with "
+                                     f"`pip install {PYPDFIUM2_PIN}`") from None
+    data = source_data(source, options)
+    try:
+        document = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as e:
+        raise CorruptMediaError(name, f"cannot open as a PDF ({e})", "check that the file is a valid PDF") from None
+    try:
+        return len(document)
+    finally:
+        document.close()
+
+
+def probe_video(source, options: Optional[MediaOptions] = None, name: Optional[str] = None) -> None:
+    """Open a video (path or bytes) and check it has a video stream with a frame rate, decoding nothing: the
+    same errors as ``decode_video`` for files that are not videos."""
+    options = options or MediaOptions()
+    name = name or describe(source)
+    try:
+        import av
+    except ImportError:
+        raise MissingDependencyError(f"{name}: decoding video needs PyAV; install it with "
+                                     f"`pip install {AV_PIN}`") from None
+    data = source_data(source, options)
+    try:
+        container = av.open(data if isinstance(data, str) else io.BytesIO(data))
+    except (av.error.FFmpegError, OSError) as e:
+        raise UnreadableMediaError(name, f"cannot open as a video ({e})",
+                                   "check that the file is a video format FFmpeg can read") from None
+    with container:
+        if not container.streams.video:
+            raise UnreadableMediaError(name, "has no video stream")
+        stream = container.streams.video[0]
+        if not (stream.average_rate or stream.guessed_rate or stream.base_rate):
+            raise CorruptMediaError(name, "video stream has no frame rate", "re-encode the file (e.g. with ffmpeg)")
 
 
 # ------------------------------------------------------------------------------------------------------------ video
