@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -243,6 +245,17 @@ def main(argv=None) -> int:
         def handle_exit(self, sig, frame):  # SIGINT / SIGTERM: end every request with an error event, then stop
             engine.shutdown()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own version re-raises the signal after the graceful shutdown (exit status -15); a server
+            # stopped on purpose exits 0 here, after printing its last line.
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
 
         async def startup(self, sockets=None):
             await super().startup(sockets)
