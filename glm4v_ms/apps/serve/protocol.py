@@ -207,6 +207,11 @@ def parse_chat_request(body: Any, served_names: List[str], allowed_local: Option
     budget = budget if budget is not None else _number(body, "max_thinking_tokens", 1, 1 << 30, integer=True)
     if budget is not None:
         ov["max_thinking_tokens"] = budget
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError("'ignore_eos' must be true or false", param="ignore_eos")
+    if ignore_eos:  # vLLM's extension: decode up to max_tokens
+        ov["eos_token_id"] = []
     stop = body.get("stop")
     if stop is None:
         stops: List[str] = []
