@@ -210,6 +210,22 @@ def test_thinking_off_stop_strings_multiturn_file_url(server, media):
         {"type": "image_url", "image_url": media["url"]}, {"type": "image_url", "image_url": {"url": media["url"]}},
         {"type": "text", "text": "Compare."}]}], **base)
     assert two.usage.prompt_tokens > d.usage.prompt_tokens
+    av = pytest.importorskip("av")
+    video = os.path.join(media["dir"], "clip.mp4")
+    with av.open(video, "w") as c:
+        st = c.add_stream("mpeg4", rate=4)
+        st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
+        for k in range(8):
+            for pkt in st.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), k * 25, np.uint8), format="rgb24")):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+    v = client.chat.completions.create(messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "file://" + video}}, {"type": "text", "text": "What happens?"}]}],
+        **base)
+    text_only = client.chat.completions.create(messages=[{"role": "user", "content": "What happens?"}], **base)
+    assert v.usage.prompt_tokens >= text_only.usage.prompt_tokens + 4  # video placeholders and frame tokens
+    assert v.choices[0].finish_reason in ("stop", "length")
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
 
