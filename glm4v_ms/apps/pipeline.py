@@ -31,6 +31,10 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+class PromptTooLongError(ValueError):
+    """The prompt (text and media tokens) does not fit the context."""
+
+
 def tiny_model_dir() -> str:
     """Where tiny-random is cached; the name carries a hash of its builders, so a changed builder rebuilds it."""
     import hashlib
@@ -389,15 +393,22 @@ class Glm4vPipeline:
         msgs: List[Dict] = [{"role": "system", "content": system}] if system else []
         return msgs + list(history) + [{"role": "user", "content": content}]
 
-    def inputs(self, messages, reply_prefix: str = "") -> Dict:
-        """The processor's arrays for ``messages``; ``reply_prefix`` (e.g. "<think>") is appended after the
-        generation prompt, as the start of the reply."""
-        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True, return_tensors="np")
+    def inputs(self, messages, enable_thinking: bool = True, reply_prefix: str = "") -> Dict:
+        """Model inputs of a conversation. ``reply_prefix`` (e.g. "<think>") is appended after the generation prompt,
+        as the start of the reply. ``enable_thinking=False``: templates that know the switch get it; for the others
+        (GLM-4.1V's) the reply starts with an empty ``<think></think>``, so the model starts in its answer."""
+        proc = self.processor
+        knows = "enable_thinking" in (proc.chat_template or "")
+        kwargs = {"enable_thinking": False} if not enable_thinking and knows else {}
+        inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="np", **kwargs)
+        vocab = proc.tokenizer.get_vocab()
+        if not enable_thinking and not knows and "<think>" in vocab and "</think>" in vocab:
+            reply_prefix = "<think></think>" + reply_prefix
         if reply_prefix:
             inputs = dict(inputs)
             ids = np.asarray(inputs["input_ids"])
-            extra = np.asarray(self.processor.tokenizer.encode(reply_prefix, add_special_tokens=False), ids.dtype)
+            extra = np.asarray(proc.tokenizer.encode(reply_prefix, add_special_tokens=False), ids.dtype)
             inputs["input_ids"] = np.concatenate([ids, np.broadcast_to(extra, (ids.shape[0], len(extra)))], 1)
             if inputs.get("attention_mask") is not None:
                 mask = np.asarray(inputs["attention_mask"])
@@ -407,16 +418,21 @@ class Glm4vPipeline:
     def generation_config(self, **overrides) -> GenerationConfig:
         return replace(self.gen, **{k: v for k, v in overrides.items() if v is not None})
 
-    def stream(self, messages, result: ChatResult, image_size=None, reply_prefix: str = "",
+    def stream(self, messages, result: ChatResult, image_size=None, *, enable_thinking: bool = True,
+               reply_prefix: str = "", max_context: Optional[int] = None, session_factory=None,
                **overrides) -> Iterator[Piece]:
         """Yield pieces as they decode; ``result`` is filled in as they come and completed at the end.
-        ``reply_prefix``: text the reply starts with (see ``inputs``)."""
-        inputs = dict(self.inputs(messages, reply_prefix))
+        ``reply_prefix``, ``enable_thinking``: see ``inputs``. ``max_context``: a smaller context than the model's
+        (a server slot); ``session_factory``: see generation.iter_tokens (the server runs the request as a row of
+        its shared batch)."""
+        inputs = dict(self.inputs(messages, enable_thinking, reply_prefix))
         gen = self.generation_config(**overrides)
         ctx = self.model.config.text.max_position_embeddings
+        if max_context is not None:
+            ctx = min(ctx, max_context)
         n_prompt = int(np.asarray(inputs["input_ids"]).shape[-1])
         if n_prompt >= ctx:
-            raise ValueError(f"the prompt has {n_prompt} tokens but the model's context is {ctx}; use fewer or "
+            raise PromptTooLongError(f"the prompt has {n_prompt} tokens but the context is {ctx}; use fewer or "
                              "smaller images, a shorter video or text")
         if n_prompt + gen.max_new_tokens > ctx:
             gen = replace(gen, max_new_tokens=ctx - n_prompt)
@@ -424,7 +440,8 @@ class Glm4vPipeline:
                                                   "pixel_values_videos", "video_grid_thw")}
         thinking, answer = [], []
         for piece in stream_generate(self.model, self.processor.tokenizer, model_inputs, gen,
-                                     stats=result.stats, tokens_out=result.tokens, mode=self.mode):
+                                     stats=result.stats, tokens_out=result.tokens, mode=self.mode,
+                                     session_factory=session_factory):
             (thinking if piece.kind == "thinking" else answer).append(piece.text)
             yield piece
         result.thinking = "".join(thinking).strip()

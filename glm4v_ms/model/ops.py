@@ -369,13 +369,17 @@ _SCATTER = ops.ScatterNdUpdate()
 
 
 def cache_write(k_cache: Tensor, v_cache: Tensor, index: Tensor, k: Tensor, v: Tensor, kv_len: int):
-    """Write k, v [B, KVH, S, D] into static caches [B, KVH, max_len, D] in place at ``index`` ([B, KVH, S, 3]
-    int32 (b, head, position) triples) and return the first ``kv_len`` positions, read after the write.
+    """Write k, v [B, KVH, S, D] into static caches [R >= B, KVH, max_len, D] in place at ``index`` ([B, KVH, S, 3]
+    int32 (b, head, position) triples) and return the first ``kv_len`` positions of the first B rows, read after
+    the write.
 
     ScatterNdUpdate updates its input in place in PyNative and in graph mode (measured on CPU; plain slice
     assignment inside ``jit`` is not ordered before later reads), so the cache never grows or gets copied."""
     k_cache = ops.depend(k_cache, _SCATTER(k_cache, index, k))
     v_cache = ops.depend(v_cache, _SCATTER(v_cache, index, v))
+    b = index.shape[0]
+    if b < k_cache.shape[0]:  # a shared cache of more rows (the server's slots): attend over the first b rows
+        k_cache, v_cache = k_cache[:b], v_cache[:b]
     if kv_len == k_cache.shape[2]:  # a full-range slice is ~10x slower than a partial one in CPU graph mode
         return k_cache, v_cache
     return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]

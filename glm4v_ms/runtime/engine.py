@@ -265,11 +265,15 @@ class GraphSession:
         return kv_len, (ids, Tensor(start, ms.int32), self.delta, self.key_mask, seen, uniforms, *self.knobs,
                         kv_len, self.spec, self.return_logits, *cache.tensors)
 
+    def draw_uniforms(self) -> np.ndarray:
+        """The next [B, n_uniform] uniforms of this request's generator (the server draws them per row)."""
+        u = self.rng.random((self.batch, self.n_uniform), dtype=np.float32)
+        return np.clip(u, np.float32(1e-12), np.float32(1 - 2 ** -24))  # log(-log(u)) stays finite
+
     def _uniforms(self) -> Tensor:
         if self.greedy:  # unused by the graph; one constant per request, not a new tensor per step
             return self._dummy
-        u = self.rng.random((self.batch, self.n_uniform), dtype=np.float32)
-        return Tensor(np.clip(u, np.float32(1e-12), np.float32(1 - 2 ** -24)))  # log(-log(u)) stays finite
+        return Tensor(self.draw_uniforms())
 
     def _read(self, out) -> np.ndarray:
         if self.return_logits:

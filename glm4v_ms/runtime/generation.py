@@ -11,7 +11,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -108,10 +108,11 @@ def open_session(model, gen: GenerationConfig, batch: int, prompt_len: int, mode
 
 
 def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[ThinkingTokens] = None,
-                stats: Optional[StepStats] = None, mode: str = "graph", session_out: Optional[list] = None
-                ) -> Iterator[np.ndarray]:
+                stats: Optional[StepStats] = None, mode: str = "graph", session_out: Optional[list] = None,
+                session_factory: Optional[Callable] = None) -> Iterator[np.ndarray]:
     """Yield the next token of every row ([B] int64), step by step. Finished rows yield ``pad_token_id``.
-    ``session_out``, if given, receives the session (tests read its ``last_logits``)."""
+    ``session_out``, if given, receives the session (tests read its ``last_logits``). ``session_factory(gen,
+    batch, prompt_len) -> (session, cache)`` replaces :func:`open_session` (the server's rows of a shared batch)."""
     cfg = model.config.text
     gen.validate(cfg.vocab_size)
     ids = np.asarray(inputs["input_ids"], dtype=np.int64)
@@ -119,7 +120,10 @@ def iter_tokens(model, inputs: Dict, gen: GenerationConfig, thinking: Optional[T
         ids = ids[None]
     b, s = ids.shape
     pad = gen.pad_token_id if gen.pad_token_id is not None else (cfg.pad_token_id or 0)
-    session, cache = open_session(model, gen, b, s, mode)
+    if session_factory is not None:
+        session, cache = session_factory(gen, b, s)
+    else:
+        session, cache = open_session(model, gen, b, s, mode)
     if session_out is not None:
         session_out.append(session)
     stats = stats if stats is not None else StepStats()
@@ -260,12 +264,12 @@ class _IncrementalDecoder:
 
 def stream_generate(model, tokenizer, inputs: Dict, generation_config: Optional[GenerationConfig] = None, *,
                     stats: Optional[StepStats] = None, tokens_out: Optional[List[int]] = None,
-                    mode: str = "graph", **knobs) -> Iterator[Piece]:
+                    mode: str = "graph", session_factory: Optional[Callable] = None, **knobs) -> Iterator[Piece]:
     """Generate for one prompt and yield text pieces as they decode, tagged ``thinking`` or ``answer``.
 
     The <think>/</think>/<answer>/</answer> markers switch the tag and are not yielded; EOS tokens end the stream.
     ``max_thinking_tokens`` (a knob) cuts thinking with a forced "</think><answer>". The generated ids are appended
-    to ``tokens_out`` if given."""
+    to ``tokens_out`` if given. ``session_factory``: see :func:`iter_tokens`."""
     ids = np.asarray(inputs["input_ids"])
     if ids.ndim == 2 and ids.shape[0] != 1:
         raise ValueError(f"stream_generate takes one prompt; got a batch of {ids.shape[0]} (use generate())")
@@ -276,7 +280,8 @@ def stream_generate(model, tokenizer, inputs: Dict, generation_config: Optional[
     eos = set(gen.eos_token_id or [])
     flat = ids.reshape(-1)
     kind = "thinking" if think is not None and _prompt_opens_thinking(flat, think) else "answer"
-    row_tokens = (int(t[0]) for t in iter_tokens(model, inputs, gen, think, stats, mode))
+    row_tokens = (int(t[0]) for t in iter_tokens(model, inputs, gen, think, stats, mode,
+                                                         session_factory=session_factory))
     yield from text_pieces(tokenizer, row_tokens, think, markers, eos, kind, tokens_out)
 
 
