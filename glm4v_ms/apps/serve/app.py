@@ -15,13 +15,22 @@ import time
 from typing import List, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from .engine import Job, ServeEngine
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, chunk, completion, delta_fields, parse_chat_request, usage_chunk
 
 log = logging.getLogger("glm4v_ms.serve")
+
+# The chat page (apps/web): static files shipped in the package, no build step, no CDN. It uses only the public API.
+WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
+WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+             "app.css": "text/css; charset=utf-8"}
+# Defence in depth for the page: no inline script, no foreign origin; media may be data:/blob: URLs of uploads.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; media-src 'self' data: "
+                                           "blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 def _error_response(e: APIError):
@@ -62,6 +71,17 @@ def build_app(engine: ServeEngine, served_names: List[str], api_key: Optional[st
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         return _error_response(exc)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(os.path.join(WEB_DIR, "index.html"), media_type=WEB_FILES["index.html"],
+                            headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}")
+    async def static_file(name: str):
+        if name not in WEB_FILES or name == "index.html":
+            raise APIError(f"no static file {name!r}", status=404, code="not_found")
+        return FileResponse(os.path.join(WEB_DIR, name), media_type=WEB_FILES[name], headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health():
@@ -261,7 +281,8 @@ def main(argv=None) -> int:
             await super().startup(sockets)
             if self.started:
                 print(f"glm4v_ms serve: ready on http://{args.host}:{args.port}/v1 (model {name}, mode {args.mode}, "
-                      f"{args.max_batch} slots x {ctx} positions)", file=sys.stderr, flush=True)
+                      f"{args.max_batch} slots x {ctx} positions); chat page: http://{args.host}:{args.port}/",
+                      file=sys.stderr, flush=True)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10, access_log=args.log_level in ("debug", "info"))

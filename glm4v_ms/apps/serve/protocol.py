@@ -114,6 +114,38 @@ def _media_url(part: Dict, key: str, where: str) -> Any:
     return v
 
 
+def _document_item(part: Dict, where: str, allowed_local: Optional[str]) -> Dict:
+    """OpenAI's file part ``{"type": "file", "file": {"file_data": "data:application/pdf;base64,...", "filename"}}``
+    -> the processor's document item (its pages become images, rendered on the server). Extensions: ``file.url``
+    (an http(s):// or allowed file:// URL instead of inline data) and ``file.pages`` ("1-3,5"; all pages if absent).
+    Uploaded ``file_id`` references are not supported: this server keeps no files."""
+    f = part.get("file")
+    if not isinstance(f, dict):
+        raise APIError(f"{where}: a 'file' part needs {{\"file\": {{\"file_data\": \"data:application/pdf;base64,..."
+                       f"\"}}}}", param=where)
+    if "file_id" in f and "file_data" not in f and "url" not in f:
+        raise APIError(f"{where}.file.file_id: uploaded files are not supported; send the PDF inline as file_data",
+                       param=f"{where}.file.file_id", code="unsupported_content")
+    data, url = f.get("file_data"), f.get("url")
+    if (data is None) == (url is None):
+        raise APIError(f"{where}.file: give exactly one of 'file_data' (a data: URI or base64) or 'url'",
+                       param=f"{where}.file")
+    if data is not None:
+        if not isinstance(data, str) or not data:
+            raise APIError(f"{where}.file.file_data must be a non-empty string", param=f"{where}.file.file_data")
+        source = data if data.startswith("data:") else "data:application/pdf;base64," + data
+    else:
+        source = check_media_url(url, f"{where}.file.url", allowed_local)
+    item = {"type": "document", "document": source}
+    pages = f.get("pages")
+    if pages is not None:
+        if not isinstance(pages, (str, int)) or isinstance(pages, bool):
+            raise APIError(f"{where}.file.pages must be a page range string like '1-3,5'",
+                           param=f"{where}.file.pages")
+        item["pages"] = str(pages)
+    return item
+
+
 def convert_messages(messages: Any, allowed_local: Optional[str]) -> List[Dict]:
     """OpenAI messages -> the processor's messages. Earlier assistant turns keep only their answer (thinking
     removed with runtime.output.split_thinking, as the CLI keeps ``result.answer``)."""
@@ -157,9 +189,11 @@ def convert_messages(messages: Any, allowed_local: Optional[str]) -> List[Dict]:
                 items.append({"type": "image", "image": check_media_url(_media_url(part, kind, pw), pw, allowed_local)})
             elif kind == "video_url":
                 items.append({"type": "video", "video": check_media_url(_media_url(part, kind, pw), pw, allowed_local)})
+            elif kind == "file":
+                items.append(_document_item(part, pw, allowed_local))
             else:
-                raise APIError(f"{pw}: content part type {kind!r} is not supported; use text, image_url or video_url",
-                               param=f"{pw}.type", code="unsupported_content")
+                raise APIError(f"{pw}: content part type {kind!r} is not supported; use text, image_url, video_url "
+                               "or file (a PDF)", param=f"{pw}.type", code="unsupported_content")
         out.append({"role": "user", "content": items})
     if out[-1]["role"] != "user":
         raise APIError("the last message must be from the user", param=f"messages[{len(messages) - 1}].role")
