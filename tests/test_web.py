@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -350,3 +351,47 @@ def test_keyboard_and_phone_width(browser, server):
         assert "line one\nline two" in pg.locator(".msg.user").last.text_content()
     finally:
         ctx.close()
+
+
+def _post(server, body):
+    req = urllib.request.Request(server.base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("file, status, words", [
+    ({"file_id": "file-abc"}, 400, ["file_id", "inline"]),
+    ({"filename": "x.pdf"}, 400, ["exactly one of", "file_data"]),
+    ("not an object", 400, ["'file' part needs"]),
+    ({"file_data": "PDF", "pages": ["1"]}, 400, ["pages", "range"]),
+    ({"file_data": "PDF", "pages": "7-9"}, 400, ["page", "7"]),
+    ({"file_data": "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 broken").decode()}, 400, ["pdf"]),
+])
+def test_file_part_errors(server, files, file, status, words):
+    """The page's PDF upload is OpenAI's 'file' content part; what the server refuses and how it says so."""
+    if isinstance(file, dict) and file.get("file_data") == "PDF":
+        file = dict(file, file_data=_data_url(files / "doc.pdf", "application/pdf"))
+    got, body = _post(server, {"model": "tiny-random", "max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "file", "file": file}, {"type": "text", "text": "hi"}]}]})
+    assert got == status, body
+    msg = body["error"]["message"]
+    assert all(w.lower() in msg.lower() for w in words), msg
+    assert _post(server, {"model": "tiny-random", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "still serving?"}]})[0] == 200
+
+
+def test_page_files_are_served_with_a_strict_policy(server):
+    for path, kind in (("/", "text/html"), ("/static/app.js", "text/javascript"), ("/static/app.css", "text/css")):
+        with urllib.request.urlopen(server.base + path, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith(kind)
+            assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+    for bad in ("/static/index.html", "/static/..%2Fprotocol.py", "/static/nope.js"):
+        try:
+            urllib.request.urlopen(server.base + bad, timeout=10)
+            raise AssertionError(f"{bad} was served")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
