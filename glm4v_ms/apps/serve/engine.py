@@ -62,6 +62,19 @@ class _RowSession:
     def __init__(self, engine: "ServeEngine", row: _Row, gen):
         self.engine, self.row, self.row.gen = engine, row, gen
 
+    # Graph compiles of this request (generation.StepStats keeps them out of the timings): those of its prefill,
+    # which runs alone. A decode step is shared by every row of the batch, so a decode-graph compile (the first
+    # step of a new tier or key-length bucket) is not charged to any one request; it shows in the step's time.
+    @property
+    def compile_s(self) -> float:
+        sr = self.row.slot_row
+        return sr.session.compile_s if sr is not None else 0.0
+
+    @property
+    def compiles(self) -> list:
+        sr = self.row.slot_row
+        return sr.session.compiles if sr is not None else []
+
     def prefill(self, inputs, cache):
         return np.array([self.engine._prefill(self.row, inputs)], np.int64)
 
