@@ -35,6 +35,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 ARTIFACTS = os.environ.get("GLM4V_TEST_ARTIFACTS")
 PROMPT = "What is in this picture? <think>"
+# Predicates are always functions: Playwright turns a bare expression into an eval, which the page's CSP forbids.
+MODEL_SHOWN = "() => document.getElementById('model-name').textContent === 'tiny-random'"
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def page(browser, server):
     errors = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.goto(server.base + "/")
-    pg.wait_for_function("document.getElementById('model-name').textContent === 'tiny-random'", timeout=15000)
+    pg.wait_for_function(MODEL_SHOWN, timeout=15000)
     yield pg
     ctx.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -333,7 +335,7 @@ def test_keyboard_and_phone_width(browser, server):
     pg = ctx.new_page()
     try:
         pg.goto(server.base + "/")
-        pg.wait_for_function("document.getElementById('model-name').textContent === 'tiny-random'")
+        pg.wait_for_function(MODEL_SHOWN)
         pg.click("#prompt")
         pg.keyboard.type("line one")
         pg.keyboard.press("Shift+Enter")
