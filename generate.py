@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Run GLM-4.1V on images, a video, a PDF or text, streaming the answer to stdout.
+"""Run GLM-4.1V on images, a video, a document (PDF or slides / office file) or text, streaming the answer to stdout.
 
 Examples:
   python generate.py --model_name tiny-random --image cat.png --prompt "Describe the image."
   python generate.py --model_name /models/GLM-4.1V-9B-Thinking --image a.jpg --image b.jpg --prompt "Compare."
   python generate.py --model_name /models/GLM-4.1V-9B-Thinking --video clip.mp4 --prompt "What happens?"
   python generate.py --model_name /models/GLM-4.1V-9B-Thinking --pdf paper.pdf --pdf_pages 1-3 --prompt "Summarise."
+  python generate.py --model_name /models/GLM-4.1V-9B-Thinking --doc talk.pptx --prompt "Summarise the slides."
   echo -e "Hi\\nAnd then?" | python generate.py --model_name tiny-random --chat
+
+--doc is --pdf under another name: .ppt .pptx .doc .docx .odp .odt are turned into a PDF by LibreOffice (installed
+separately; converted once, cached by content in ~/.cache/glm4v_ms/docs), then rendered page by page like a PDF.
 
 Thinking goes to stdout in grey (hidden with --hide_thinking); timings and progress go to stderr. Sampling defaults
 are the official recipe's (top_k 2, top_p 1e-5, repetition_penalty 1.1); --greedy decodes deterministically.
@@ -31,10 +35,12 @@ def parse_args(argv=None):
                     help="a GLM-4.1V folder, a hub id (downloaded when online), or tiny-random (built-in, random)")
     ap.add_argument("--image", action="append", default=[], help="image path / URL (repeatable)")
     ap.add_argument("--video", help="video path / URL")
-    ap.add_argument("--pdf", help="PDF document: each page becomes an image")
-    ap.add_argument("--pdf_pages", help="pages to use, e.g. 1-3,5 (default: all)")
-    ap.add_argument("--pdf_dpi", type=number_type(float, 0, lo_open=True), default=None,
-                    help="PDF render resolution, dots per inch (default 180)")
+    ap.add_argument("--pdf", "--doc", dest="pdf", metavar="DOCUMENT",
+                    help="PDF or office document (.ppt .pptx .doc .docx .odp .odt, via LibreOffice): each page "
+                         "becomes an image")
+    ap.add_argument("--pdf_pages", "--doc_pages", dest="pdf_pages", help="pages to use, e.g. 1-3,5 (default: all)")
+    ap.add_argument("--pdf_dpi", "--doc_dpi", dest="pdf_dpi", type=number_type(float, 0, lo_open=True), default=None,
+                    help="page render resolution, dots per inch (default 180)")
     ap.add_argument("--prompt", help="the user message (required unless --chat)")
     ap.add_argument("--system", help="system message")
     add_generation_arguments(ap)

@@ -8,6 +8,7 @@ INPUT: one JSON object per line (blank lines are skipped):
   {"id": 7, "prompt": "Compare.", "image": ["a.jpg", "b.png"], "system": "Be brief.", "max_new_tokens": 256}
   {"prompt": "What happens?", "video": "clip.mp4"}                      (no id: the id is the 0-based line number)
   {"prompt": "Summarise.", "pdf": "paper.pdf", "pdf_pages": "1-3"}
+  {"prompt": "Summarise the slides.", "pdf": "talk.pptx"}     (.ppt .pptx .doc .docx .odp .odt: through LibreOffice)
   {"id": "m", "messages": [{"role": "user", "content": [{"type": "image", "image": "x.png"},
                                                         {"type": "text", "text": "Describe."}]}]}
 Fields: id (string or integer; unique: a repeated id is an error of the later line; 3 and "3" are different ids),

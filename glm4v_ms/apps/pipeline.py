@@ -181,8 +181,9 @@ def prepare_media(images: Sequence = (), video=None, pdf=None, pdf_pages=None, p
     image is refused (use ``pdf``: its pages are then chosen with ``pdf_pages`` and rendered at ``pdf_dpi``); a video
     is opened and its stream checked; a PDF is opened, its page count read and ``pdf_pages`` checked against it, and
     the size of every selected page at ``pdf_dpi`` checked against the pixel limit. URLs are fetched here, once."""
-    from ..processing.media import (UnreadableMediaError, _check_pixels, check_dpi, describe, is_pdf, load_image,
-                                    page_ranges, parse_pages, pdf_page_count, probe_video, source_data)
+    from ..processing.media import (TooManyImagesError, UnreadableMediaError, _check_pixels, as_pdf, check_dpi,
+                                    describe, is_pdf, load_image, page_ranges, parse_pages, pdf_page_count,
+                                    probe_video, source_data)
 
     options = options or MediaOptions()
     out = PreparedMedia(pdf_pages=pdf_pages)
@@ -210,12 +211,17 @@ def prepare_media(images: Sequence = (), video=None, pdf=None, pdf_pages=None, p
     name = describe(pdf)
     if pdf_pages is not None:
         page_ranges(pdf_pages, name)  # the syntax, before the file is read
-    data = source_data(pdf, options)
+    raw = source_data(pdf, options)
+    data = as_pdf(raw, name, options)  # an office document: converted by LibreOffice (cached) here, once
     if not is_pdf(data):
-        raise UnreadableMediaError(name, "is not a PDF document (no %PDF- header)",
-                                   "pass images with --image, PDF files with --pdf")
+        raise UnreadableMediaError(name, "is neither a PDF nor an office document (.ppt .pptx .doc .docx .odp .odt)",
+                                   "pass images with --image, documents with --pdf (--doc)")
     count = pdf_page_count(data, options, name=name)
     selected = parse_pages(pdf_pages, count, name)
+    if options.max_images is not None and len(selected) + len(out.images) > options.max_images:
+        raise TooManyImagesError(name, f"{len(selected)} pages selected (and {len(out.images)} images), over the "
+                                 f"cap of {options.max_images} images per prompt", "select pages with --pdf_pages "
+                                 "or raise --max_images")
     import pypdfium2 as pdfium
 
     document = pdfium.PdfDocument(data)
@@ -226,7 +232,7 @@ def prepare_media(images: Sequence = (), video=None, pdf=None, pdf_pages=None, p
             _check_pixels(round(width_pt * scale), round(height_pt * scale), f"{name} page {index + 1}", options)
     finally:
         document.close()
-    out.pdf = pdf if isinstance(data, str) else data
+    out.pdf = pdf if isinstance(raw, str) else data  # a local file by its name; fetched bytes (or their PDF) as is
     return out
 
 
@@ -303,12 +309,19 @@ def add_media_arguments(parser) -> None:
     parser.add_argument("--min_fetch_rate", type=number_type(float, 0), default=d.min_fetch_rate,
                         help=f"bytes/s a URL download must average after {d.rate_grace:g} s (default "
                              f"{d.min_fetch_rate:g}; 0: no floor)")
+    parser.add_argument("--max_images", type=number_type(int, 0), default=d.max_images,
+                        help=f"cap on images per prompt, document pages counted one each (default {d.max_images}, "
+                             "as GLM-V serves; 0: no cap)")
+    parser.add_argument("--doc_timeout", type=number_type(float, 0, lo_open=True), default=d.convert_timeout,
+                        help=f"seconds LibreOffice may take to convert an office document (default "
+                             f"{d.convert_timeout:g})")
 
 
 def media_options(args) -> MediaOptions:
     """The flags of add_media_arguments -> MediaOptions."""
     return MediaOptions(timeout=args.fetch_timeout, fetch_deadline=args.fetch_deadline,
-                        min_fetch_rate=args.min_fetch_rate)
+                        min_fetch_rate=args.min_fetch_rate, max_images=args.max_images or None,
+                        convert_timeout=args.doc_timeout)
 
 
 def generation_knobs(args) -> Dict:

@@ -1,4 +1,4 @@
-"""Loading images, PDF pages and videos from the sources a user can give, with errors that say what went wrong.
+"""Loading images, document pages (PDF, office) and videos from the sources a user can give, with clear errors.
 
 Sources: file paths, ``file://`` and ``http(s)://`` URLs, ``data:`` URIs (base64 or percent-encoded), PIL images and
 numpy arrays (HWC or HW; uint8, uint16, or float in [0, 1]). Remote fetches have a timeout and a size cap
@@ -6,11 +6,12 @@ numpy arrays (HWC or HW; uint8, uint16, or float in [0, 1]). Remote fetches have
 description of an in-memory object) and ends with what to do about it.
 
 PyAV (videos) and pypdfium2 (PDFs) are optional; a missing one raises ``MissingDependencyError`` with the pip command.
+So is LibreOffice, which turns office documents into PDFs (``office``). The errors live in ``errors``, re-exported here.
 
 Why this module is long: it is the one place where user-supplied sources are opened, so every guard (regular files
-only, URL deadline / rate floor / size cap, pixel limit, page ranges) shares one error hierarchy and one
-``MediaOptions``; the sections (errors, sources and fetching, images, PDF, video) are independent and short, and
-splitting them would make each import the others' errors and options.
+only, URL deadline / rate floor / size cap, pixel limit, page ranges) shares one ``MediaOptions``; the sections
+(sources and fetching, images, PDF, video) are independent and short, and splitting them would make each import the
+others' options and source helpers.
 """
 
 from __future__ import annotations
@@ -37,57 +38,14 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import (AspectRatioError, ConversionError, CorruptMediaError, EmptyMediaError,  # noqa: F401 (re-exported)
+                     FetchError, ImageTooLargeError, MediaError, MediaNotFoundError, MissingDependencyError,
+                     PageRangeError, PasswordProtectedError, TooManyImagesError, UnreadableMediaError,
+                     UnsupportedSourceError)
+from .office import convert_to_pdf, office_kind
+
 AV_PIN = "av==18.1.0"
 PYPDFIUM2_PIN = "pypdfium2==5.15.2"
-
-
-# ----------------------------------------------------------------------------------------------------------- errors
-class MediaError(ValueError):
-    """A media input could not be used. ``source`` names the input; the message says what to do."""
-
-    def __init__(self, source: str, problem: str, hint: str = ""):
-        self.source = source
-        super().__init__(f"{source}: {problem}" + (f". {hint}" if hint else ""))
-
-
-class MediaNotFoundError(MediaError):
-    """The path does not exist."""
-
-
-class EmptyMediaError(MediaError):
-    """The file or download has zero bytes."""
-
-
-class UnreadableMediaError(MediaError):
-    """The bytes are not a format we can decode (e.g. a text file named .png), or the array has a bad shape/dtype."""
-
-
-class CorruptMediaError(MediaError):
-    """The format is recognised but the data is damaged (e.g. a truncated JPEG)."""
-
-
-class ImageTooLargeError(MediaError):
-    """More pixels than the configured limit (PIL's decompression-bomb guard, made an error)."""
-
-
-class AspectRatioError(MediaError):
-    """Longer side over 200 times the shorter side: the vision tower cannot take it."""
-
-
-class UnsupportedSourceError(MediaError):
-    """A URL scheme or Python type we do not load from."""
-
-
-class FetchError(MediaError):
-    """A URL could not be downloaded: unreachable, HTTP error, timeout, or over the size cap."""
-
-
-class PageRangeError(MediaError):
-    """Requested PDF pages outside the document."""
-
-
-class MissingDependencyError(ImportError):
-    """An optional package (PyAV, pypdfium2) is needed for this input."""
 
 
 @dataclass
@@ -104,6 +62,10 @@ class MediaOptions:
     max_image_pixels: images (and rendered PDF pages) with more pixels raise ``ImageTooLargeError``; defaults to
         PIL's decompression-bomb threshold, so PIL's own warning becomes an error.
     pdf_dpi: resolution of rendered PDF pages (GLM-4.1V's document demos use about 180).
+    max_images: images per prompt, document pages counted one each (GLM-V serves with 32); more raise
+        ``TooManyImagesError`` (a document is refused before its pages are rendered). None: no cap.
+    convert_timeout, soffice, doc_cache_dir: LibreOffice's time limit per office document, its executable and the
+        cache folder of converted PDFs; None: the defaults ``office`` describes.
     """
 
     timeout: float = 10.0
@@ -113,9 +75,16 @@ class MediaOptions:
     max_fetch_bytes: int = 200 * 1024 * 1024
     max_image_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
     pdf_dpi: float = 180.0
+    max_images: Optional[int] = 32
+    convert_timeout: float = 120.0
+    soffice: Optional[str] = None
+    doc_cache_dir: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("timeout", "fetch_deadline", "pdf_dpi"):
+        if self.max_images is not None and (isinstance(self.max_images, bool) or not isinstance(self.max_images, int)
+                                            or self.max_images < 1):
+            raise ValueError(f"MediaOptions.max_images must be a positive integer or None, got {self.max_images!r}")
+        for name in ("timeout", "fetch_deadline", "pdf_dpi", "convert_timeout"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"MediaOptions.{name} must be a positive number of "
@@ -358,13 +327,13 @@ def is_pdf(data: Union[str, bytes]) -> bool:
 
 
 def load_images(source, options: Optional[MediaOptions] = None, pages=None, dpi=None) -> List[Image.Image]:
-    """One image, or every selected page when ``source`` is a PDF (sniffed by content, not by name)."""
+    """One image, or every selected page when ``source`` is a PDF or an office document (sniffed by content)."""
     options = options or MediaOptions()
     if isinstance(source, (str, os.PathLike, bytes, bytearray)):
-        data = source_data(source, options)
-        if is_pdf(data):
-            return load_pdf(data, pages=pages, dpi=dpi, options=options, name=describe(source))
-        return [load_image(data, options, name=describe(source))]
+        data, name = source_data(source, options), describe(source)
+        if is_pdf(data) or office_kind(data, name):
+            return load_pdf(as_pdf(data, name, options), pages, dpi, options, name)
+        return [load_image(data, options, name=name)]
     return [load_image(source, options)]
 
 
@@ -513,26 +482,71 @@ def check_dpi(dpi, name: str = "pdf dpi") -> float:
     return value
 
 
-def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[MediaOptions] = None,
-             name: Optional[str] = None) -> List[Image.Image]:
-    """Render PDF pages to RGB images at ``dpi`` (default ``options.pdf_dpi`` = 180); ``pages`` are 1-based."""
+def load_document(source, pages=None, dpi: Optional[float] = None, options: Optional[MediaOptions] = None,
+                  name: Optional[str] = None) -> List[Image.Image]:
+    """Pages of a PDF or office document (.ppt .pptx .doc .docx .odp .odt: converted by LibreOffice and cached, see
+    ``office``) from a path, file:// / http(s):// URL, data: URI or bytes, as RGB images at ``dpi`` (default
+    ``options.pdf_dpi`` = 180); ``pages`` are 1-based ("1-3,5")."""
     options = options or MediaOptions()
     name = name or describe(source)
+    return load_pdf(as_pdf(source_data(source, options), name, options), pages, dpi, options, name)
+
+
+def as_pdf(data: Union[str, bytes], name: str, options: MediaOptions) -> Union[str, bytes]:
+    """``data`` (a path or bytes, from ``source_data``) itself, or for an office document the path of its PDF."""
+    kind = None if is_pdf(data) else office_kind(data, name)
+    if kind is None:
+        return data
+    _pdfium(name)  # before a conversion that could not be read afterwards
+    return convert_to_pdf(data, kind, name, soffice=options.soffice, timeout=options.convert_timeout,
+                          cache_dir=options.doc_cache_dir,
+                          check=lambda path: _open_pdf(path, name, converted=True).close())
+
+
+def _pdfium(name: str):
     try:
         import pypdfium2 as pdfium
     except ImportError:
         raise MissingDependencyError(f"{name}: reading PDF documents needs pypdfium2; install it with "
                                      f"`pip install {PYPDFIUM2_PIN}`") from None
-    dpi = options.pdf_dpi if dpi is None else check_dpi(dpi)
-    data = source_data(source, options)
+    return pdfium
+
+
+def _open_pdf(data: Union[str, bytes], name: str, converted: bool = False):
+    """An open pypdfium2 document with at least one page (the caller closes it)."""
+    pdfium = _pdfium(name)
     try:
         document = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as e:
-        raise CorruptMediaError(name, f"cannot open as a PDF ({e})", "check that the file is a valid PDF") from None
+        if getattr(e, "err_code", None) != 0:  # 0: PDFium refuses an empty page tree with no error code (5.15.2)
+            what = "LibreOffice's PDF of it cannot be opened" if converted else "cannot open as a PDF"
+            raise CorruptMediaError(name, f"{what} ({e})", "check that the file is a valid PDF or office "
+                                    "document") from None
+        document = None
+    if document is None or len(document) == 0:
+        if document is not None:
+            document.close()
+        raise EmptyMediaError(name, f"{'converts to' if converted else 'PDF has'} zero pages",
+                              "check that the document has content")
+    return document
+
+
+def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[MediaOptions] = None,
+             name: Optional[str] = None) -> List[Image.Image]:
+    """Render PDF pages to RGB images at ``dpi`` (default ``options.pdf_dpi`` = 180); ``pages`` are 1-based."""
+    options = options or MediaOptions()
+    name = name or describe(source)
+    dpi = options.pdf_dpi if dpi is None else check_dpi(dpi)
+    document = _open_pdf(source_data(source, options), name)
     try:
         images = []
         scale = dpi / 72.0  # PDF user space is 72 units per inch
-        for index in parse_pages(pages, len(document), name):
+        indices = parse_pages(pages, len(document), name)
+        if options.max_images is not None and len(indices) > options.max_images:
+            raise TooManyImagesError(name, f"{len(indices)} pages selected, over the cap of {options.max_images} "
+                                     "images per prompt", "select pages (e.g. pages \"1-8\", generate.py --pdf_pages) "
+                                     "or raise MediaOptions.max_images (generate.py --max_images)")
+        for index in indices:
             page = document[index]
             width_pt, height_pt = page.get_size()
             _check_pixels(round(width_pt * scale), round(height_pt * scale), f"{name} page {index + 1}", options)
@@ -545,17 +559,7 @@ def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[
 def pdf_page_count(source, options: Optional[MediaOptions] = None, name: Optional[str] = None) -> int:
     """Open a PDF (path or bytes) only to count its pages: the same errors as ``load_pdf``, nothing rendered."""
     options = options or MediaOptions()
-    name = name or describe(source)
-    try:
-        import pypdfium2 as pdfium
-    except ImportError:
-        raise MissingDependencyError(f"{name}: reading PDF documents needs pypdfium2; install it with "
-                                     f"`pip install {PYPDFIUM2_PIN}`") from None
-    data = source_data(source, options)
-    try:
-        document = pdfium.PdfDocument(data)
-    except pdfium.PdfiumError as e:
-        raise CorruptMediaError(name, f"cannot open as a PDF ({e})", "check that the file is a valid PDF") from None
+    document = _open_pdf(source_data(source, options), name or describe(source))
     try:
         return len(document)
     finally:

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .image_processing import ImageProcessorConfig, preprocess_images
-from .media import MediaOptions, UnreadableMediaError, describe, load_images, load_pdf
+from .media import MediaOptions, TooManyImagesError, UnreadableMediaError, describe, load_document, load_images
 from .video_processing import Video, VideoProcessorConfig, load_video, preprocess_videos
 
 
@@ -126,9 +126,11 @@ class Glm4vProcessor:
 
         Content items: ``{"type": "text", "text": ...}``, ``{"type": "image", "image" | "url" | "path" | "base64":
         source}``, ``{"type": "video", "video": path | Video | frames, "fps": fps of given frames}``,
-        ``{"type": "document", "document": pdf, "pages": "1-3", "dpi": 180}`` (one image per page; an image item
-        whose content is a PDF also becomes its pages when tokenising). With ``tokenize=False`` only documents are
-        opened (to count pages). Defaults follow transformers (no generation prompt, no tokenisation).
+        ``{"type": "document", "document": pdf_or_office_file, "pages": "1-3", "dpi": 180}`` (one image per page,
+        .ppt/.pptx/.doc/.docx/.odp/.odt via LibreOffice; an image item whose content is a document also becomes its
+        pages when tokenising). At most ``media_options.max_images`` images per prompt. With ``tokenize=False``
+        only documents are opened (to count pages). Defaults follow transformers (no generation prompt, no
+        tokenisation).
         """
         batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and \
             isinstance(conversation[0], (list, tuple))
@@ -169,7 +171,7 @@ class Glm4vProcessor:
         kind = item.get("type") or next((k for k in ("image", "video", "text") if k in item), None)
         if kind in ("document", "pdf"):
             source = _first(item, _DOCUMENT_KEYS, kind)
-            pages = load_pdf(source, pages=item.get("pages"), dpi=item.get("dpi"), options=self.media_options)
+            pages = load_document(source, pages=item.get("pages"), dpi=item.get("dpi"), options=self.media_options)
             images.extend((page, f"{describe(source)} page {k + 1}") for k, page in enumerate(pages))
             return [{"type": "image"} for _ in pages]
         if kind == "image":
@@ -227,8 +229,15 @@ class Glm4vProcessor:
         _check_count(texts, self.image_token, len(images), "image", [n for _, n in images])
         _check_count(texts, self.video_token, len(videos), "video", [v.source for v in videos])
         seen_images = seen_videos = 0
+        cap = self.media_options.max_images
         for k, t in enumerate(texts):
             n_img, n_vid = t.count(self.image_token), t.count(self.video_token)
+            if cap is not None and n_img > cap:
+                first = images[seen_images][1]
+                raise TooManyImagesError(f"prompt {k} (images from {first} on)", f"has {n_img} images (document "
+                                         f"pages count one each), over the cap of {cap} per prompt",
+                                         "select fewer pages or images, or raise media_options.max_images "
+                                         "(generate.py --max_images)")
             if n_img and n_vid:
                 names = [n for _, n in images[seen_images:seen_images + n_img]]
                 names += [v.source for v in videos[seen_videos:seen_videos + n_vid]]
