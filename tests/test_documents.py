@@ -398,6 +398,8 @@ def test_missing_libreoffice_one_line_and_rest_keeps_working(tmp_path, clean, mo
     assert [p.size for p in load_images(str(pdf), clean, dpi=72)] == [(144, 72)]
     empty = tmp_path / "empty.pdf"
     empty.write_bytes(_zero_page_pdf())
+    with pytest.raises(CorruptMediaError, match="cannot open as a PDF"):  # leaves PDFium's last error set
+        load_pdf(b"%PDF-1.4\nnot a pdf\n")
     with pytest.raises(EmptyMediaError, match="PDF has zero pages") as err:
         load_pdf(str(empty))
     assert str(empty) in str(err.value)

@@ -5,6 +5,9 @@
     for piece in pipe.stream(messages, result):      # text pieces tagged thinking / answer
         ...
     result.answer, result.thinking, result.boxes, result.stats
+
+Why this module is long: the command-line helpers (flags -> options and generation knobs, the media preflight
+``prepare_media``) sit beside the pipeline they feed; they are the first part to move to a module of their own.
 """
 
 from __future__ import annotations

@@ -518,7 +518,7 @@ def _open_pdf(data: Union[str, bytes], name: str, converted: bool = False):
     try:
         document = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as e:
-        if getattr(e, "err_code", None) != 0:  # 0: PDFium refuses an empty page tree with no error code (5.15.2)
+        if not _empty_page_tree(data):
             what = "LibreOffice's PDF of it cannot be opened" if converted else "cannot open as a PDF"
             raise CorruptMediaError(name, f"{what} ({e})", "check that the file is a valid PDF or office "
                                     "document") from None
@@ -529,6 +529,20 @@ def _open_pdf(data: Union[str, bytes], name: str, converted: bool = False):
         raise EmptyMediaError(name, f"{'converts to' if converted else 'PDF has'} zero pages",
                               "check that the document has content")
     return document
+
+
+_EMPTY_PAGES = re.compile(rb"/Type\s*/Pages\b(?:(?!>>).){0,200}?/Count\s+0\b|/Count\s+0\b(?:(?!>>).){0,200}?"
+                          rb"/Type\s*/Pages\b", re.S)
+
+
+def _empty_page_tree(data: Union[str, bytes]) -> bool:
+    """PDFium refuses a PDF whose page tree is empty without an error code of its own (its last-error value is then
+    stale: 0 in a fresh process, an earlier failure's code later; pypdfium2 5.15.2), so that case is recognised from
+    the bytes: a ``/Pages`` dictionary with ``/Count 0`` (written uncompressed, as LibreOffice and pypdfium2 do)."""
+    if isinstance(data, str):
+        with open(data, "rb") as f:
+            data = f.read()
+    return _EMPTY_PAGES.search(data) is not None
 
 
 def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[MediaOptions] = None,
