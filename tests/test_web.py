@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -397,3 +398,34 @@ def test_page_files_are_served_with_a_strict_policy(server):
             raise AssertionError(f"{bad} was served")
         except urllib.error.HTTPError as e:
             assert e.code == 404
+
+
+def test_slides_upload_is_rendered_on_the_server(page, server, tmp_path):
+    """A .pptx goes up like a PDF: the server recognises it from its bytes and LibreOffice renders its slides."""
+    from test_documents import SOFFICE, _fodp
+
+    if SOFFICE is None:
+        if os.environ.get("CI"):
+            raise AssertionError("LibreOffice is not installed: .ci/run installs it")
+        pytest.skip("LibreOffice (soffice) is not installed")
+    (tmp_path / "deck.fodp").write_text(_fodp(2), encoding="utf-8")
+    subprocess.run([SOFFICE, f"-env:UserInstallation={(tmp_path / 'profile').as_uri()}", "--headless",
+                    "--convert-to", "pptx", "--outdir", str(tmp_path), str(tmp_path / "deck.fodp")],
+                   check=True, capture_output=True, timeout=300)
+    deck = tmp_path / "deck.pptx"
+    _settings(page, max_tokens=4, temperature=0)
+    _attach(page, deck, "pdf")
+    assert "document: deck.pptx" in page.locator("#attachments").text_content()
+    page.fill("#prompt", "Summarise the slides.")
+    page.click("#send")
+    assert _wait_done(page, timeout=300000) == "done"
+    prompt_tokens = int(re.search(r"(\d+) prompt", _last(page).locator(".meta").text_content()).group(1))
+    mime = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+    want = _api(server, [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": _data_url(deck, mime), "filename": "deck.pptx"}},
+        {"type": "text", "text": "Summarise the slides."}]}], max_tokens=4, temperature=0)["usage"]["prompt_tokens"]
+    assert prompt_tokens == want
+    one_slide = _api(server, [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": _data_url(deck, mime), "pages": "1"}},
+        {"type": "text", "text": "Summarise the slides."}]}], max_tokens=4, temperature=0)["usage"]["prompt_tokens"]
+    assert one_slide < prompt_tokens  # both slides were sent

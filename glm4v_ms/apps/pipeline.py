@@ -184,9 +184,8 @@ def prepare_media(images: Sequence = (), video=None, pdf=None, pdf_pages=None, p
     image is refused (use ``pdf``: its pages are then chosen with ``pdf_pages`` and rendered at ``pdf_dpi``); a video
     is opened and its stream checked; a PDF is opened, its page count read and ``pdf_pages`` checked against it, and
     the size of every selected page at ``pdf_dpi`` checked against the pixel limit. URLs are fetched here, once."""
-    from ..processing.media import (TooManyImagesError, UnreadableMediaError, _check_pixels, as_pdf, check_dpi,
-                                    describe, is_pdf, load_image, page_ranges, parse_pages, pdf_page_count,
-                                    probe_video, source_data)
+    from ..processing.media import (TooManyImagesError, UnreadableMediaError, as_pdf, check_dpi, check_pdf_pages,
+                                    describe, is_pdf, load_image, page_ranges, probe_video, source_data)
 
     options = options or MediaOptions()
     out = PreparedMedia(pdf_pages=pdf_pages)
@@ -219,22 +218,11 @@ def prepare_media(images: Sequence = (), video=None, pdf=None, pdf_pages=None, p
     if not is_pdf(data):
         raise UnreadableMediaError(name, "is neither a PDF nor an office document (.ppt .pptx .doc .docx .odp .odt)",
                                    "pass images with --image, documents with --pdf (--doc)")
-    count = pdf_page_count(data, options, name=name)
-    selected = parse_pages(pdf_pages, count, name)
-    if options.max_images is not None and len(selected) + len(out.images) > options.max_images:
-        raise TooManyImagesError(name, f"{len(selected)} pages selected (and {len(out.images)} images), over the "
+    n_pages = check_pdf_pages(data, pdf_pages, out.pdf_dpi, options, name)
+    if options.max_images is not None and n_pages + len(out.images) > options.max_images:
+        raise TooManyImagesError(name, f"{n_pages} pages selected (and {len(out.images)} images), over the "
                                  f"cap of {options.max_images} images per prompt", "select pages with --pdf_pages "
                                  "or raise --max_images")
-    import pypdfium2 as pdfium
-
-    document = pdfium.PdfDocument(data)
-    try:
-        scale = (out.pdf_dpi or options.pdf_dpi) / 72.0
-        for index in sorted(set(selected)):
-            width_pt, height_pt = document[index].get_size()
-            _check_pixels(round(width_pt * scale), round(height_pt * scale), f"{name} page {index + 1}", options)
-    finally:
-        document.close()
     out.pdf = pdf if isinstance(raw, str) else data  # a local file by its name; fetched bytes (or their PDF) as is
     return out
 
@@ -284,9 +272,9 @@ def number_type(kind, lo=None, hi=None, lo_open=False, what=""):
 
 def add_generation_arguments(parser, seed_help: str = "sampling seed (reproducible draws)") -> None:
     """The generation flags of the command-line tools (generate.py, tools/batch_infer.py), with the official
-    recipe's defaults (generation.OFFICIAL_SAMPLING, 8192 new tokens). Out-of-range values are refused by argparse
+    recipe's defaults (generation_config.OFFICIAL_SAMPLING, 8192 new tokens). Out-of-range values are refused by argparse
     (exit 2, the flag named), before anything is loaded."""
-    from ..runtime.generation import OFFICIAL_SAMPLING as rec
+    from ..model.generation_config import OFFICIAL_SAMPLING as rec
 
     parser.add_argument("--max_new_tokens", type=number_type(int, 1), default=8192)
     parser.add_argument("--max_thinking_tokens", type=number_type(int, 0), default=None,

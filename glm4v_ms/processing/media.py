@@ -500,7 +500,17 @@ def as_pdf(data: Union[str, bytes], name: str, options: MediaOptions) -> Union[s
     _pdfium(name)  # before a conversion that could not be read afterwards
     return convert_to_pdf(data, kind, name, soffice=options.soffice, timeout=options.convert_timeout,
                           cache_dir=options.doc_cache_dir,
-                          check=lambda path: _open_pdf(path, name, converted=True).close())
+                          check=lambda path: _check_converted(path, name))
+
+
+def _check_converted(path: str, name: str) -> None:
+    with PDFIUM_LOCK:
+        _open_pdf(path, name, converted=True).close()
+
+
+# PDFium is not thread-safe, even across documents (pypdfium2's documentation: serialise every call). The server
+# prepares requests in worker threads, so every use of it (open, count, render, close) holds this lock.
+PDFIUM_LOCK = threading.RLock()
 
 
 def _pdfium(name: str):
@@ -551,7 +561,13 @@ def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[
     options = options or MediaOptions()
     name = name or describe(source)
     dpi = options.pdf_dpi if dpi is None else check_dpi(dpi)
-    document = _open_pdf(source_data(source, options), name)
+    data = source_data(source, options)  # a download happens outside the lock
+    with PDFIUM_LOCK:
+        return _render_pages(_open_pdf(data, name), pages, dpi, options, name)
+
+
+def _render_pages(document, pages, dpi: float, options: MediaOptions, name: str) -> List[Image.Image]:
+    """The selected pages of an open document as RGB images (closes it); the caller holds PDFIUM_LOCK."""
     try:
         images = []
         scale = dpi / 72.0  # PDF user space is 72 units per inch
@@ -566,16 +582,6 @@ def load_pdf(source, pages=None, dpi: Optional[float] = None, options: Optional[
             _check_pixels(round(width_pt * scale), round(height_pt * scale), f"{name} page {index + 1}", options)
             images.append(page.render(scale=scale).to_pil().convert("RGB"))
         return images
-    finally:
-        document.close()
-
-
-def pdf_page_count(source, options: Optional[MediaOptions] = None, name: Optional[str] = None) -> int:
-    """Open a PDF (path or bytes) only to count its pages: the same errors as ``load_pdf``, nothing rendered."""
-    options = options or MediaOptions()
-    document = _open_pdf(source_data(source, options), name or describe(source))
-    try:
-        return len(document)
     finally:
         document.close()
 

@@ -7,8 +7,6 @@ so a cut-off ``</think><answer>`` continues from the cache without prefilling th
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
@@ -16,7 +14,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from . import sampling
-from ..model.generation_config import OFFICIAL_SAMPLING, GenerationConfig  # noqa: F401  (re-exported)
+from ..model.generation_config import GenerationConfig
 from ..model.kv_cache import KVCache
 from ..model.parallel import request_seed
 

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 
 from .engine import Job, ServeEngine
 from .metrics import Metrics
-from .protocol import APIError, ChatRequest, chunk, completion, delta_fields, parse_chat_request, usage_chunk
+from .protocol import APIError, chunk, completion, delta_fields, parse_chat_request, usage_chunk
 
 log = logging.getLogger("glm4v_ms.serve")
 

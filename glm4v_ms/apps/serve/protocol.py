@@ -116,7 +116,8 @@ def _media_url(part: Dict, key: str, where: str) -> Any:
 
 def _document_item(part: Dict, where: str, allowed_local: Optional[str]) -> Dict:
     """OpenAI's file part ``{"type": "file", "file": {"file_data": "data:application/pdf;base64,...", "filename"}}``
-    -> the processor's document item (its pages become images, rendered on the server). Extensions: ``file.url``
+    -> the processor's document item (its pages become images, rendered on the server): a PDF, or an office document
+    (.ppt .pptx .doc .docx .odp .odt, recognised from its bytes and converted by LibreOffice where installed). Extensions: ``file.url``
     (an http(s):// or allowed file:// URL instead of inline data) and ``file.pages`` ("1-3,5"; all pages if absent).
     Uploaded ``file_id`` references are not supported: this server keeps no files."""
     f = part.get("file")
@@ -124,7 +125,8 @@ def _document_item(part: Dict, where: str, allowed_local: Optional[str]) -> Dict
         raise APIError(f"{where}: a 'file' part needs {{\"file\": {{\"file_data\": \"data:application/pdf;base64,..."
                        f"\"}}}}", param=where)
     if "file_id" in f and "file_data" not in f and "url" not in f:
-        raise APIError(f"{where}.file.file_id: uploaded files are not supported; send the PDF inline as file_data",
+        raise APIError(f"{where}.file.file_id: uploaded files are not supported; send the document inline as "
+                       "file_data",
                        param=f"{where}.file.file_id", code="unsupported_content")
     data, url = f.get("file_data"), f.get("url")
     if (data is None) == (url is None):
@@ -193,7 +195,7 @@ def convert_messages(messages: Any, allowed_local: Optional[str]) -> List[Dict]:
                 items.append(_document_item(part, pw, allowed_local))
             else:
                 raise APIError(f"{pw}: content part type {kind!r} is not supported; use text, image_url, video_url "
-                               "or file (a PDF)", param=f"{pw}.type", code="unsupported_content")
+                               "or file (a PDF or office document)", param=f"{pw}.type", code="unsupported_content")
         out.append({"role": "user", "content": items})
     if out[-1]["role"] != "user":
         raise APIError("the last message must be from the user", param=f"messages[{len(messages) - 1}].role")

@@ -62,10 +62,12 @@
   }
 
   // ---- attachments: picker, drag and drop, paste ----
+  // Documents: PDFs and office files (LibreOffice on the server renders them to pages, as the CLI's --doc does).
+  const DOCUMENT_EXT = [".pdf", ".ppt", ".pptx", ".doc", ".docx", ".odp", ".odt"];
   function kindOf(file) {
     const type = (file.type || "").toLowerCase();
     const name = (file.name || "").toLowerCase();
-    if (type === "application/pdf" || name.endsWith(".pdf")) return "pdf";
+    if (type === "application/pdf" || DOCUMENT_EXT.some((ext) => name.endsWith(ext))) return "pdf";
     if (type.startsWith("image/")) return "image";
     if (type.startsWith("video/")) return "video";
     return null;
@@ -83,11 +85,11 @@
     for (const file of files) {
       const kind = kindOf(file);
       if (!kind) {
-        showError(`${file.name || "pasted item"}: not an image, a video or a PDF`);
+        showError(`${file.name || "pasted item"}: not an image, a video, a PDF or an office document`);
         continue;
       }
       if (kind !== "image" && state.attachments.some((a) => a.kind === kind)) {
-        showError(`${file.name}: one ${kind === "pdf" ? "PDF" : "video"} per message; remove the other one first`);
+        showError(`${file.name}: one ${kind === "pdf" ? "document" : "video"} per message; remove the other one first`);
         continue;
       }
       try {
@@ -112,7 +114,7 @@
         img.alt = "";
         chip.append(img);
       }
-      chip.append(document.createTextNode(`${a.kind}: ${a.name}`));
+      chip.append(document.createTextNode(`${a.kind === "pdf" ? "document" : a.kind}: ${a.name}`));
       const rm = document.createElement("button");
       rm.type = "button";
       rm.title = "remove";
@@ -247,7 +249,7 @@
         } else {
           const chip = document.createElement("span");
           chip.className = "chip";
-          chip.textContent = `${a.kind}: ${a.name}` + (a.kind === "pdf" && $("pdf-pages").value.trim()
+          chip.textContent = `${a.kind === "pdf" ? "document" : a.kind}: ${a.name}` + (a.kind === "pdf" && $("pdf-pages").value.trim()
             ? ` (pages ${$("pdf-pages").value.trim()})` : "");
           thumbs.append(chip);
         }
