@@ -180,6 +180,16 @@ def _terminate(*_):
     raise Terminated()
 
 
+def test_delay():
+    """GLM4V_BATCH_TEST_DELAY (a test hook: seconds to pause before each write), or None when it is not a number
+    of seconds >= 0."""
+    try:
+        delay = float(os.environ.get("GLM4V_BATCH_TEST_DELAY", "").strip() or 0)
+    except ValueError:
+        return None
+    return delay if 0 <= delay < float("inf") else None
+
+
 def job_options(args):
     """The job's options. The model folder is resolved (not loaded) by the job after checking the input and the
     output: its identity is part of each digest."""
@@ -192,7 +202,7 @@ def job_options(args):
                       batch_size=args.batch_size, sort_window=args.sort_window, retry_errors=args.retry_errors,
                       fsync_interval=args.fsync_interval, progress=not args.no_progress,
                       settings=generation_knobs(args), mode=args.mode,
-                      test_delay=float(os.environ.get("GLM4V_BATCH_TEST_DELAY", "0") or 0))
+                      test_delay=test_delay())
 
 
 def pipeline_loader(args):
@@ -245,6 +255,10 @@ def main(argv=None) -> int:
         from glm4v_ms.model.weights import CheckpointError
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
+        return 2
+    if test_delay() is None:
+        print(f"error: GLM4V_BATCH_TEST_DELAY={os.environ['GLM4V_BATCH_TEST_DELAY']!r} must be a number of seconds >= 0 "
+              "(a test hook: unset it)", file=sys.stderr)
         return 2
     try:
         s, layout = run_job(args)
