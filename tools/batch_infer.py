@@ -257,8 +257,9 @@ def main(argv=None) -> int:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         return 2
     if test_delay() is None:
-        print(f"error: GLM4V_BATCH_TEST_DELAY={os.environ['GLM4V_BATCH_TEST_DELAY']!r} must be a number of seconds >= 0 "
-              "(a test hook: unset it)", file=sys.stderr)
+        value = os.environ["GLM4V_BATCH_TEST_DELAY"]
+        print(f"error: GLM4V_BATCH_TEST_DELAY={value!r} must be a number of seconds >= 0 (a test hook: unset it)",
+              file=sys.stderr)
         return 2
     try:
         s, layout = run_job(args)
