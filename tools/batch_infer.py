@@ -180,7 +180,7 @@ def _terminate(*_):
     raise Terminated()
 
 
-def test_delay():
+def delay_hook():
     """GLM4V_BATCH_TEST_DELAY (a test hook: seconds to pause before each write), or None when it is not a number
     of seconds >= 0."""
     try:
@@ -202,7 +202,7 @@ def job_options(args):
                       batch_size=args.batch_size, sort_window=args.sort_window, retry_errors=args.retry_errors,
                       fsync_interval=args.fsync_interval, progress=not args.no_progress,
                       settings=generation_knobs(args), mode=args.mode,
-                      test_delay=test_delay())
+                      test_delay=delay_hook())
 
 
 def pipeline_loader(args):
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         return 2
-    if test_delay() is None:
+    if delay_hook() is None:
         value = os.environ["GLM4V_BATCH_TEST_DELAY"]
         print(f"error: GLM4V_BATCH_TEST_DELAY={value!r} must be a number of seconds >= 0 (a test hook: unset it)",
               file=sys.stderr)
