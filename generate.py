@@ -149,6 +149,23 @@ class Interrupts:
 INTERRUPTS = Interrupts()
 
 
+EXIT_NO_INPUT = 3  # --chat with nothing to answer: not a usage error (2), not a failed request (1)
+
+
+def chat_turns(prompt, stream):
+    """--chat's user messages: ``prompt`` (if any), then each non-blank line of ``stream``, read only when the
+    previous turn has been answered (a generator: the caller answers a line before the next one is read, so the
+    chat works interactively and over a pipe that a program writes line by line)."""
+    if prompt:
+        yield prompt
+    while True:
+        line = stream.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\r\n")
+
+
 def run_turn(pipe, args, messages, first_image, first: bool = True):
     from glm4v_ms.apps.pipeline import ChatResult, generation_knobs
 
@@ -249,21 +266,24 @@ def main(argv=None) -> int:
             run_turn(pipe, args, pipe.messages(args.prompt, **media), first_image)
             return 0
         history = []
-        turns = [args.prompt] if args.prompt else []
-        for line in sys.stdin:
-            if line.strip():
-                turns.append(line.rstrip("\n"))
-        for i, text in enumerate(turns):
-            if i == 0:
+        turns = 0
+        for text in chat_turns(args.prompt, sys.stdin):
+            if turns == 0:
                 messages = pipe.messages(text, **media)
             else:
                 messages = pipe.messages(text, system=args.system, history=history)
             if not args.json:
                 print(f"\n>>> {text}", file=sys.stderr)
-            result = run_turn(pipe, args, messages, first_image, first=i == 0)
+            result = run_turn(pipe, args, messages, first_image, first=turns == 0)
+            sys.stdout.flush()  # the answer is out before the next line is read
+            turns += 1
             # Earlier turns keep only the answer (the official CLI's rule); media stay in the first user turn.
             history = [m for m in messages if m["role"] != "system"]
             history.append({"role": "assistant", "content": result.answer})
+        if turns == 0:
+            print("error: --chat got no input: stdin was empty (or only blank lines) and no --prompt was given; "
+                  "give one user message per stdin line", file=sys.stderr)
+            return EXIT_NO_INPUT
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

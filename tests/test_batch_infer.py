@@ -548,3 +548,13 @@ def test_tensor_parallel_needs_msrun(tiny, data):
     r = run_tool(data, "--input", "in.jsonl", "--output", "x.jsonl", "--model_name", tiny, "--tp", "2")
     assert r.returncode == 1 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
     assert "num_key_value_heads" in r.stderr  # the tiny model's single KV head cannot be split, named first
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_bad_test_delay_is_one_line(data, tmp_path, value):
+    r = run_tool(data, "--input", "in.jsonl", "--output", str(tmp_path / "o.jsonl"),
+                 env=_env(GLM4V_BATCH_TEST_DELAY=value), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: GLM4V_BATCH_TEST_DELAY=") and value in lines[0], r.stderr
+    assert not (tmp_path / "o.jsonl").exists()

@@ -3,8 +3,10 @@ bad inputs that must exit non-zero with one line on stderr and no traceback."""
 
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -110,6 +112,60 @@ def test_chat_from_stdin(tiny, media):
     turns = [json.loads(l) for l in r.stdout.strip().splitlines()]
     assert len(turns) == 2
     assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"], "the second turn must carry the history"
+
+
+def _read_line(proc, deadline):
+    """One line of proc.stdout, or None if none came before ``deadline`` (time.monotonic()) or the process ended."""
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if not ready:
+            if proc.poll() is not None:
+                return None
+            continue
+        ch = os.read(proc.stdout.fileno(), 1)
+        if not ch:
+            return None
+        buf += ch
+        if ch == b"\n":
+            return buf.decode()
+    return None
+
+
+def test_chat_answers_each_line_as_it_arrives(tiny, media, tmp_path):
+    """A pipe written line by line: the first answer comes out while stdin is still open and before the second
+    question is sent; then the second answer carries the history. Bounded in time; the process is killed on failure."""
+    err = open(tmp_path / "stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "generate.py", "--model_name", tiny, "--chat", "--json",
+                             "--max_new_tokens", "4", "--greedy", "--mode", "eager", "--image", media["images"][2]],
+                            cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=err)
+    try:
+        proc.stdin.write(b"first question\n")
+        proc.stdin.flush()
+        first = _read_line(proc, time.monotonic() + 300)
+        err.seek(0)
+        assert first is not None, f"no answer to the first line while stdin stays open; stderr: {err.read()[-2000:]}"
+        assert proc.poll() is None  # still waiting for more input
+        proc.stdin.write(b"second question\n")
+        proc.stdin.close()
+        second = _read_line(proc, time.monotonic() + 300)
+        assert second is not None and proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.close()
+    a, b = json.loads(first), json.loads(second)
+    assert b["prompt_tokens"] > a["prompt_tokens"], "the second turn must carry the history"
+
+
+@pytest.mark.parametrize("stdin", ["", "\n  \n"])
+def test_chat_without_input_says_so(tiny, stdin):
+    r = run("--model_name", tiny, "--chat", stdin=stdin)
+    lines = _stderr_lines(r)
+    assert r.returncode == 3 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --chat got no input"), r.stderr
 
 
 def test_draw_boxes(tiny, media):

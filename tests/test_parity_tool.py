@@ -209,3 +209,147 @@ def test_gptq_folder_against_the_float_reference(setup, capsys, tmp_path):
                              "--min_cosine", "0.99", "--token_margin", "1.0")
     logits = next(s for s in rep["stages"] if s["stage"] == "logits")
     assert rc == 0 and 1e-4 < logits["rel_err"] < 0.1, (rep["failed"], logits)
+
+
+def _report(prompt_err_row, step_err, margin_ours):
+    """build_report on synthetic arrays: 5 prompt positions x 6 logits; the reference's greedy tokens [2, 3] and
+    ours [2, x], with our logits at the diverging step off by ``step_err``. ``prompt_err_row``: an error put on one
+    prompt position's logits (a position that has nothing to do with the divergence)."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 5, 4)).astype(np.float32)
+    prompt = rng.standard_normal((1, 5, 6)).astype(np.float32)
+    ours_prompt = prompt.copy()
+    ours_prompt[0, 1, 0] += prompt_err_row
+    step1 = np.array([0, 0, 0, 2.0, 2.0 - margin_ours, 0], np.float32)  # the reference prefers 3 by margin_ours
+    ref = {"embeddings": emb, "layers": {}, "logits": prompt, "new_tokens": [2, 3],
+           "step_logits": [np.eye(6, dtype=np.float32)[2], step1]}
+    ours_step1 = step1 + np.float32(step_err) * np.array([1, -1, 1, -1, 1, -1], np.float32)
+    ours = {"embeddings": emb, "layers": {}, "logits": ours_prompt, "new_tokens": [2, 4], "divergence": (1, ours_step1)}
+    th = {"hidden": 1e-1, "logits": 1e-1, "cosine": 0.9}
+    return parity.build_report(ref, ours, [], th, None)["tokens"]
+
+
+def test_token_tolerance_is_the_error_at_the_diverging_position():
+    # a real divergence (margin 1.0) where our logits are exact to 1e-5: it FAILS, although another prompt position
+    # is off by 3.0 (the old rule, 2 x the worst prompt error = 6.0, excused it)
+    real = _report(prompt_err_row=3.0, step_err=1e-5, margin_ours=1.0)
+    assert not real["pass"] and not real["near_tie"], real
+    assert real["position_max_abs"] == pytest.approx(1e-5, rel=1e-2)
+    assert real["margin_tolerance"] == pytest.approx(2e-5, rel=1e-2) and real["margin"] == pytest.approx(1.0)
+    # a near-tie (margin 1e-5) at a position whose logits are off by 1e-5: rounding can flip it, it passes
+    tie = _report(prompt_err_row=0.0, step_err=1e-5, margin_ours=1e-5)
+    assert tie["pass"] and tie["near_tie"] and tie["first_divergence"] == 1, tie
+    # the same margin at an exact position is not excused
+    exact = _report(prompt_err_row=0.0, step_err=1e-7, margin_ours=1e-5)
+    assert not exact["pass"], exact
+
+
+def test_a_wrong_decoded_token_fails_end_to_end(setup, capsys, monkeypatch):
+    """Our greedy tokens changed at step 2 (as a broken decode step would): the stages all pass, the token check
+    measures our logits at that position with a plain forward, finds them close to the reference's, and FAILS."""
+    folder, image = setup
+    real = parity.our_greedy
+
+    def broken(model, inputs, tokens, eos, pad, mode):
+        toks = real(model, inputs, tokens, eos, pad, mode)
+        toks[2] = (toks[2] + 7) % model.config.text.vocab_size
+        return toks
+
+    monkeypatch.setattr(parity, "our_greedy", broken)
+    rc, rep, err = _run_json(capsys, folder, image, "--tokens", "5", "--mode", "eager")
+    tok = rep["tokens"]
+    assert rc == 1 and rep["failed"] == ["tokens"], (rep["failed"], err[-2000:])
+    assert tok["first_divergence"] == 2 and not tok["near_tie"], tok
+    assert tok["position_max_abs"] < 1e-4 and tok["margin"] > tok["margin_tolerance"], tok
+
+
+def _edit_weights(src, dst, edit):
+    folder = _copy(src, dst)
+    w = load_file(os.path.join(folder, "model.safetensors"))
+    edit(w)
+    save_file(w, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+DOWN = "model.language_model.layers.1.mlp.down_proj.weight"
+
+
+@pytest.mark.parametrize("kind", ["missing", "mismatched", "unexpected"])
+def test_reference_that_did_not_load_every_tensor_stops(setup, capsys, tmp_path, kind):
+    folder, image = setup
+
+    def edit(w):
+        if kind == "missing":
+            del w[DOWN]
+        elif kind == "mismatched":
+            w[DOWN] = np.ascontiguousarray(w[DOWN][:, :-2])
+        else:
+            w["model.language_model.layers.1.mlp.extra_proj.weight"] = w[DOWN].copy()
+
+    ref = _edit_weights(folder, tmp_path / "ref", edit)
+    rc, out, err = _run(capsys, folder, "--reference_dir", ref, "--image", image, "--prompt", "Hi", "--tokens", "2")
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "", out + err
+    assert lines[-1].startswith("error: the reference checkpoint") and "did not load every tensor" in lines[-1], err
+    assert [l for l in lines if l.startswith("error")] == [lines[-1]] and "Traceback" not in err
+    name = "layers.1.mlp.extra_proj.weight" if kind == "unexpected" else DOWN
+    assert name in lines[-1] and {"missing": "missing", "mismatched": "shape mismatch",
+                                  "unexpected": "not used"}[kind] in lines[-1], lines[-1]
+
+
+def test_a_different_model_as_reference_is_refused_before_running(setup, capsys, tmp_path):
+    folder, image = setup
+    other = _copy(folder, tmp_path / "other")
+    with open(os.path.join(other, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["text_config"]["num_hidden_layers"] = LAYERS - 1
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    rc, out, err = _run(capsys, folder, "--reference_dir", other, "--image", image, "--prompt", "Hi")
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and len(lines) == 1, err
+    assert "different models" in lines[0] and f"text.num_hidden_layers {LAYERS} vs {LAYERS - 1}" in lines[0], err
+    assert "[parity]" not in err  # refused before the reference ran
+
+
+def test_a_shape_mismatch_in_the_report_is_one_line():
+    ref = {"embeddings": np.zeros((1, 5, 4), np.float32), "layers": {}, "logits": np.zeros((1, 5, 6), np.float32),
+           "new_tokens": [], "step_logits": []}
+    ours = dict(ref, embeddings=np.zeros((1, 5, 8), np.float32))
+    with pytest.raises(parity.ShapeMismatch, match=r"embeddings: our shape \(1, 5, 8\) != the reference's"):
+        parity.build_report(ref, ours, [], {"hidden": 1, "logits": 1, "cosine": 0}, None)
+
+
+def test_reference_failure_and_quant_config_errors_are_one_line(setup, capsys, tmp_path):
+    from gptq_pack import quantize_folder
+
+    folder, image = setup
+    # a reference whose weights file is cut short: transformers' own error, in one line
+    broken = _copy(folder, tmp_path / "broken")
+    path = os.path.join(broken, "model.safetensors")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    rc, out, err = _run(capsys, folder, "--reference_dir", broken, "--image", image, "--prompt", "Hi")
+    lines = [l for l in err.strip().splitlines() if not l.startswith("[parity]")]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: the reference (transformers, "), err
+    assert "Traceback" not in err
+    # GPTQ: a quantization_config that does not parse is refused before anything runs ...
+    mods = {f"model.language_model.layers.{i}.mlp.down_proj": dict(bits=8, group_size=32, sym=True, desc_act=False)
+            for i in range(LAYERS)}
+    qdir = str(tmp_path / "gptq")
+    quantize_folder(folder, qdir, mods, {"quant_method": "gptq", "bits": 8, "group_size": 32, "sym": True,
+                                         "desc_act": False}, seed=3)
+    with open(os.path.join(qdir, "config.json")) as f:
+        cfg = json.load(f)
+    for bits, early in ((3, True), (4, False)):
+        cfg["quantization_config"]["bits"] = bits  # 3: not a GPTQ width we read; 4: the int8 tensors do not match
+        with open(os.path.join(qdir, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        rc, out, err = _run(capsys, qdir, "--reference_dir", folder, "--image", image, "--prompt", "Hi",
+                            "--tokens", "1")
+        lines = [l for l in err.strip().splitlines() if not l.startswith("[parity]")]
+        assert rc == 2 and out == "" and len(lines) == 1 and "Traceback" not in err, err
+        assert ("bits is 3" if early else "does not match bits=4") in lines[0], lines[0]
+        assert ("[parity]" not in err) == early, err  # ... a mismatching tensor is found when ours loads: one line

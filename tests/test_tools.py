@@ -1,5 +1,6 @@
 """tools/ascend_check.py and tools/bench.py run end to end (functional checks; speed is what bench.py reports)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -73,10 +74,45 @@ def test_set_device_ascend_applies_the_checked_configuration(monkeypatch):
 
 def test_bench_json_on_the_tiny_config():
     p = _run("tools/bench.py", "--config", "tiny", "--batches", "1", "--modes", "graph", "--new_tokens", "4",
-             "--json")
+             "--repeats", "1", "--threads", "1", "--json")
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     for key in ("decode_tok_s", "torch_decode_tok_s", "prefill_ms", "torch_prefill_ms", "roofline_fraction"):
         assert out[key] > 0, key
-    assert set(out["results"]) == {"ours_graph_b1", "torch_b1"}
-    assert out["results"]["ours_graph_b1"]["peak_mb"] > 0
+    assert set(out["results"]) == {"ours_graph_b1", "torch_sdpa_b1", "torch_eager_b1"}
+    assert out["torch_attn"] == "sdpa"  # the comparison is against transformers' default attention
+    res = out["results"]
+    assert res["torch_sdpa_b1"]["attn_implementation"] == "sdpa"
+    assert res["torch_eager_b1"]["attn_implementation"] == "eager"
+    for r in res.values():  # both sides: the same thread count, one warm-up and the same number of measured runs
+        assert r["threads"] == 1 and r["runs"] == 1 and r["peak_mb"] > 0 and r["decode_tok_s"] > 0, r
+    assert out["threads"] == 1 and len(out["load_average"]) == 2
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_tool", os.path.join(ROOT, "tools", "bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("argv, needle", [(["--batches", "1,x"], "--batches '1,x'"),
+                                          (["--batches", "0"], "--batches '0'"),
+                                          (["--modes", "foo"], "--modes 'foo'"),
+                                          (["--torch_attn", "flash"], "--torch_attn 'flash'")])
+def test_bench_bad_flags_are_one_line(capsys, argv, needle):
+    rc = _load_bench().main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_bench_without_torch_is_one_line(capsys, monkeypatch):
+    bench = _load_bench()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    rc = bench.main(["--config", "tiny"])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "torch not installed" in lines[0] and "--skip_torch" in lines[0], err

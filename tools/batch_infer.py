@@ -181,6 +181,16 @@ def _terminate(*_):
     raise Terminated()
 
 
+def delay_hook():
+    """GLM4V_BATCH_TEST_DELAY (a test hook: seconds to pause before each write), or None when it is not a number
+    of seconds >= 0."""
+    try:
+        delay = float(os.environ.get("GLM4V_BATCH_TEST_DELAY", "").strip() or 0)
+    except ValueError:
+        return None
+    return delay if 0 <= delay < float("inf") else None
+
+
 def job_options(args):
     """The job's options. The model folder is resolved (not loaded) by the job after checking the input and the
     output: its identity is part of each digest."""
@@ -193,7 +203,7 @@ def job_options(args):
                       batch_size=args.batch_size, sort_window=args.sort_window, retry_errors=args.retry_errors,
                       fsync_interval=args.fsync_interval, progress=not args.no_progress,
                       settings=generation_knobs(args), mode=args.mode,
-                      test_delay=float(os.environ.get("GLM4V_BATCH_TEST_DELAY", "0") or 0))
+                      test_delay=delay_hook())
 
 
 def pipeline_loader(args):
@@ -246,6 +256,11 @@ def main(argv=None) -> int:
         from glm4v_ms.model.weights import CheckpointError
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
+        return 2
+    if delay_hook() is None:
+        value = os.environ["GLM4V_BATCH_TEST_DELAY"]
+        print(f"error: GLM4V_BATCH_TEST_DELAY={value!r} must be a number of seconds >= 0 (a test hook: unset it)",
+              file=sys.stderr)
         return 2
     try:
         s, layout = run_job(args)

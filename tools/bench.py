@@ -4,11 +4,15 @@
     .venv/bin/python tools/bench.py --config tiny --json
 
 Same random config, same weights (one folder, written once to ~/.cache/glm4v_ms/bench-<config>-<hash>) and same
-inputs for every side. Each implementation runs in its own process (clean peak memory), twice: the first run
-compiles (graph mode) and warms up; the figures are from the second. Reported per side: prefill of a prompt with
-one 448x448 image (256 image tokens + text), decode tokens/s (after that prompt, greedy, EOS off), peak resident
-memory; and the decode roofline: bytes of weights read per token (decoder layers + final norm + lm_head, plus the KV
-cache) divided into the best measured memory read bandwidth of the machine, with the fraction reached.
+inputs for every side. Each implementation runs in its own process (clean peak memory) with the same number of CPU
+threads (--threads: torch.set_num_threads and MindSpore's CPU kernel thread pool), and is measured the same way: one
+warm-up run (it compiles in graph mode), then --repeats measured runs whose medians are reported. Prefill = from
+the start of the first forward (ViT + decoder prefill) to the first new token; decode tokens/s = the other
+new_tokens - 1 tokens over the time from the first to the last (greedy, EOS off). transformers runs at its default
+attention (sdpa) and, as an extra row, with eager attention. Also reported: peak resident memory, the extra time
+of the first run, and the decode roofline: bytes of weights read per token (decoder layers + final norm + lm_head,
+plus the KV cache) divided into the best measured memory read bandwidth of the machine, with the fraction reached.
+The machine's load average at the start and the end is printed: figures from a loaded machine are not comparable.
 
 Configs: ``tiny`` (the test model's size) and ``mid`` (~0.43B parameters: 8 decoder layers of width 1024, a 4-block
 ViT of width 512, and the real vocabulary of 151552, whose lm_head is 60% of the bytes a decode step reads).
@@ -114,54 +118,88 @@ def peak_mb() -> float:
 # workers (one process each)
 # ---------------------------------------------------------------------------------------------------------------
 
-def worker_ours(folder: str, mode: str, batch: int, new: int) -> dict:
+def _median(xs):
+    return float(np.median(np.asarray(xs, np.float64)))
+
+
+def _summarise(runs: list, batch: int, new: int) -> dict:
+    """The same figures from both sides' runs, each run = (total seconds, prefill seconds, decode seconds): run 0 is
+    the warm-up; prefill ms and decode tokens/s (all rows) are medians over the measured runs."""
+    (cold, _, _), measured = runs[0], runs[1:]
+    return dict(prefill_ms=_median([p for _, p, _ in measured]) * 1e3,
+                decode_tok_s=_median([(new - 1) * batch / d for _, _, d in measured]),
+                first_run_extra_s=cold - _median([t for t, _, _ in measured]), runs=len(measured))
+
+
+def worker_ours(folder: str, mode: str, batch: int, new: int, threads: int, repeats: int) -> dict:
+    """Prefill = the session's prefill call (ViT, decoder prefill, first token on the host); decode = the time from
+    there to the last token, for new - 1 steps (runtime.generation.StepStats)."""
+    import mindspore as ms
     from glm4v_ms import Glm4vForConditionalGeneration
     from glm4v_ms.model import ops
     from glm4v_ms.runtime.generation import StepStats, generate
 
     ops.set_device("CPU")
+    ms.device_context.cpu.op_tuning.threads_num(threads)  # the CPU kernels' thread pool, like torch.set_num_threads
     t = time.perf_counter()
     model = Glm4vForConditionalGeneration.from_pretrained(folder)
     load_s = time.perf_counter() - t
     x = inputs(config_dict_of(folder), batch)
     runs = []
-    for _ in range(2):  # the first run compiles (graph mode) and warms up
+    for _ in range(1 + repeats):  # the first run compiles (graph mode) and warms up
         st = StepStats()
         t = time.perf_counter()
         generate(model, **x, max_new_tokens=new, eos_token_id=[], do_sample=False, mode=mode, stats=st)
-        runs.append((time.perf_counter() - t, st))
-    (cold_s, _), (warm_s, st) = runs
-    return dict(load_s=load_s, prefill_ms=st.prefill_s * 1e3, decode_tok_s=st.decode_tok_s * batch,
-                first_run_extra_s=cold_s - warm_s, peak_mb=peak_mb())
+        if st.new_tokens != new:
+            raise RuntimeError(f"glm4v_ms produced {st.new_tokens} tokens, expected {new}")
+        runs.append((time.perf_counter() - t, st.prefill_s, st.decode_s))
+    return dict(_summarise(runs, batch, new), load_s=load_s, peak_mb=peak_mb(),
+                threads=threads)
 
 
-def worker_torch(folder: str, batch: int, new: int) -> dict:
+def worker_torch(folder: str, attn: str, batch: int, new: int, threads: int, repeats: int) -> dict:
+    """transformers' generate timed like ours: prefill = from the start of the first forward (ViT, decoder prefill)
+    to the first token chosen (a stopping criterion sees every new token); decode = from there to the last token,
+    for new - 1 steps. ``attn``: "default" (what transformers picks by itself: sdpa) or an attn_implementation."""
     import torch
-    from transformers import Glm4vForConditionalGeneration
+    from transformers import Glm4vForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     t = time.perf_counter()
-    model = Glm4vForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
+    kw = {} if attn == "default" else dict(attn_implementation=attn)
+    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, **kw).eval()
     load_s = time.perf_counter() - t
     x = {k: torch.tensor(v) for k, v in inputs(config_dict_of(folder), batch).items()}
+    marks: list = []
 
-    def run(n):
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            marks.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def first_forward(module, args, kwargs):
+        if not marks:
+            marks.append(time.perf_counter())
+
+    hook = model.register_forward_pre_hook(first_forward, with_kwargs=True)
+    runs = []
+    for _ in range(1 + repeats):  # the first run warms up, as ours does
+        marks.clear()
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(**x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
-        return time.perf_counter() - t0
+            model.generate(**x, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                           pad_token_id=0, stopping_criteria=StoppingCriteriaList([Clock()]))
+        total = time.perf_counter() - t0
+        if len(marks) != new + 1:
+            raise RuntimeError(f"transformers produced {len(marks) - 1} tokens, expected {new}")
+        runs.append((total, marks[1] - marks[0], marks[-1] - marks[1]))
+    hook.remove()
+    return dict(_summarise(runs, batch, new), load_s=load_s, peak_mb=peak_mb(), threads=torch.get_num_threads(),
+                attn_implementation=model.config._attn_implementation)
 
-    run(1)  # warm-up
-    prefill = min(run(1) for _ in range(2))
-    total = run(new)
-    return dict(load_s=load_s, prefill_ms=prefill * 1e3, decode_tok_s=(new - 1) * batch / (total - prefill),
-                peak_mb=peak_mb())
 
-
-def worker_bandwidth() -> dict:
-    """Best read bandwidth (GB/s) over a 1 GiB fp32 buffer: numpy sum (1 thread) and torch sum (all threads)."""
+def worker_bandwidth(threads: int) -> dict:
+    """Best read bandwidth (GB/s) over a 1 GiB fp32 buffer: numpy sum (1 thread) and torch sum (``threads``)."""
     a = np.ones(1 << 28, np.float32)
     best = {}
     for _ in range(5):
@@ -171,7 +209,7 @@ def worker_bandwidth() -> dict:
     try:
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
         ta = torch.from_numpy(a)
         for _ in range(5):
             t = time.perf_counter()
@@ -202,14 +240,31 @@ def decode_bytes(cfg: dict, context: int, batch: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def _spawn(args: list) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker"] + args
+class BenchError(Exception):
+    """A bad flag or a missing dependency (exit 2), or a failed worker (exit 1): one ``error:`` line."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def _spawn(kind: str, **params) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(params)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
-        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"benchmark worker {' '.join(args)} failed: {tail}")
+        tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()] or ["no output"]
+        raise BenchError(f"the {kind} worker ({', '.join(f'{k}={v}' for k, v in params.items() if k != 'folder')}) "
+                         f"failed: {tail[-1].strip()}", code=1)
     return json.loads(lines[-1])
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def machine() -> str:
@@ -223,46 +278,110 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}"
 
 
+def _positive_int_list(flag: str, text: str) -> list:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BenchError(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 1,4") from None
+    if not vals or min(vals) < 1:
+        raise BenchError(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 1,4")
+    return vals
+
+
+def _choices(flag: str, text: str, allowed: tuple) -> list:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise BenchError(f"{flag} {text!r}: expected a comma-separated list of {', '.join(allowed)}")
+    return list(dict.fromkeys(vals))
+
+
+def _run_worker(kind: str, params: dict) -> dict:
+    if kind == "ours":
+        return worker_ours(params["folder"], params["mode"], params["batch"], params["new"], params["threads"],
+                           params["repeats"])
+    if kind == "torch":
+        return worker_torch(params["folder"], params["attn"], params["batch"], params["new"], params["threads"],
+                            params["repeats"])
+    return worker_bandwidth(params["threads"])
+
+
+TORCH_ATTN = ("sdpa", "eager")  # sdpa is transformers' default for this model: that row is loaded with no argument
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="mid", choices=sorted(CONFIGS))
     ap.add_argument("--new_tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,4", help="comma-separated batch sizes (the first is the headline)")
-    ap.add_argument("--modes", default="graph,eager", help="glm4v_ms modes to run")
+    ap.add_argument("--modes", default="graph,eager", help="glm4v_ms modes to run: graph, eager or both")
+    ap.add_argument("--torch_attn", default="sdpa,eager",
+                    help="transformers attention implementations to run (the first is the comparison): sdpa "
+                         "(transformers' default), eager or both")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="CPU threads of both sides: torch.set_num_threads and MindSpore's CPU kernel thread pool "
+                         "(default: all cores, %(default)s here)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measured runs per side after one warm-up run; the figures are their medians (default 3)")
     ap.add_argument("--skip_torch", action="store_true", help="do not run transformers (e.g. torch not installed)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
-        kind, rest = args.worker[0], args.worker[1:]
-        if kind == "ours":
-            out = worker_ours(rest[0], rest[1], int(rest[2]), int(rest[3]))
-        elif kind == "torch":
-            out = worker_torch(rest[0], int(rest[1]), int(rest[2]))
-        else:
-            out = worker_bandwidth()
-        print(json.dumps(out))
+        print(json.dumps(_run_worker(args.worker[0], json.loads(args.worker[1]))))
         return 0
+    try:
+        return _bench(ap, args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _bench(ap, args) -> int:
     if args.new_tokens < 2:
         ap.error("--new_tokens must be >= 2")
-    batches = [int(b) for b in args.batches.split(",")]
-    modes = [m for m in args.modes.split(",") if m]
+    if args.threads < 1:
+        ap.error("--threads must be >= 1")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    batches = _positive_int_list("--batches", args.batches)
+    modes = _choices("--modes", args.modes, ("graph", "eager"))
+    attns = [] if args.skip_torch else _choices("--torch_attn", args.torch_attn, TORCH_ATTN)
+    if attns:
+        import importlib.util
+
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise BenchError(f"{' and '.join(missing)} not installed: the comparison needs them (pip install -r "
+                             "requirements-dev.txt), or pass --skip_torch to measure glm4v_ms alone")
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     t0 = time.perf_counter()
+    load_before = load_average()
     folder = bench_folder(args.config)
     cfg = config_dict_of(folder)
-    log(f"machine: {machine()}\nconfig {args.config}: {folder}")
-    bw = _spawn(["bandwidth"])
+    log(f"machine: {machine()}; load average {load_before}\nconfig {args.config}: {folder}\n"
+        f"threads: {args.threads} (torch.set_num_threads, MindSpore CPU kernel threads); one warm-up run, then the "
+        f"median of {args.repeats} measured run(s) per side")
+    bw = _spawn("bandwidth", threads=args.threads)
     bandwidth = max(bw.values())
     log("read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
     results = {}
+    common = dict(folder=folder, new=args.new_tokens, threads=args.threads, repeats=args.repeats)
     for b in batches:
         for m in modes:
             log(f"glm4v_ms {m}, batch {b} ...")
-            results[f"ours_{m}_b{b}"] = _spawn(["ours", folder, m, str(b), str(args.new_tokens)])
-        if not args.skip_torch:
-            log(f"transformers eager, batch {b} ...")
-            results[f"torch_b{b}"] = _spawn(["torch", folder, str(b), str(args.new_tokens)])
+            results[f"ours_{m}_b{b}"] = r = _spawn("ours", mode=m, batch=b, **common)
+            log(f"  prefill {r['prefill_ms']:.0f} ms, decode {r['decode_tok_s']:.2f} tok/s, peak {r['peak_mb']:.0f} MB")
+        for a in attns:
+            log(f"transformers {a}, batch {b} ...")
+            r = _spawn("torch", attn="default" if a == "sdpa" else a, batch=b, **common)
+            if r["attn_implementation"] != a:  # transformers' default changed: the row would be mislabelled
+                raise BenchError(f"transformers ran attention {r['attn_implementation']!r}, expected {a!r}", code=1)
+            results[f"torch_{a}_b{b}"] = r
+            log(f"  prefill {r['prefill_ms']:.0f} ms, decode {r['decode_tok_s']:.2f} tok/s, peak {r['peak_mb']:.0f} MB")
     b0 = batches[0]
     context = inputs(cfg, 1)["input_ids"].shape[1] + args.new_tokens // 2
     bytes_tok = decode_bytes(cfg, context, b0)
@@ -271,13 +390,13 @@ def main(argv=None) -> int:
     ours = results[f"ours_{best_mode}_b{b0}"]
     best_prefill = min(results[f"ours_{m}_b{b0}"]["prefill_ms"] for m in modes)
     summary = dict(config=args.config, machine=machine(), new_tokens=args.new_tokens, batch=b0,
-                   decode_tok_s=ours["decode_tok_s"] / b0, best_mode=best_mode,
-                   prefill_ms=best_prefill, bandwidth_gb_s=bandwidth, bytes_per_token=bytes_tok,
+                   threads=args.threads, repeats=args.repeats, decode_tok_s=ours["decode_tok_s"] / b0,
+                   best_mode=best_mode, prefill_ms=best_prefill, bandwidth_gb_s=bandwidth, bytes_per_token=bytes_tok,
                    roofline_tok_s=roof, roofline_fraction=ours["decode_tok_s"] / b0 / roof,
-                   results=results, seconds=time.perf_counter() - t0)
-    if not args.skip_torch:
-        t = results[f"torch_b{b0}"]
-        summary.update(torch_decode_tok_s=t["decode_tok_s"] / b0, torch_prefill_ms=t["prefill_ms"],
+                   results=results, load_average=[load_before, load_average()], seconds=time.perf_counter() - t0)
+    if attns:
+        t = results[f"torch_{attns[0]}_b{b0}"]
+        summary.update(torch_attn=attns[0], torch_decode_tok_s=t["decode_tok_s"] / b0, torch_prefill_ms=t["prefill_ms"],
                        decode_vs_torch=ours["decode_tok_s"] / t["decode_tok_s"],
                        prefill_vs_torch=t["prefill_ms"] / best_prefill)
     if args.json:
@@ -286,13 +405,16 @@ def main(argv=None) -> int:
     print(f"\n{'side':<22}{'batch':>6}{'prefill ms':>12}{'decode tok/s':>14}{'peak MB':>10}{'1st-run extra s':>17}")
     for k, r in results.items():
         print(f"{k:<22}{k.rsplit('_b', 1)[1]:>6}{r['prefill_ms']:>12.0f}{r['decode_tok_s']:>14.2f}"
-              f"{r['peak_mb']:>10.0f}{r.get('first_run_extra_s', 0):>17.1f}")
+              f"{r['peak_mb']:>10.0f}{r['first_run_extra_s']:>17.1f}")
     print(f"\nroofline (batch {b0}): {bytes_tok / 1e6:.0f} MB read per token / {bandwidth:.1f} GB/s = "
           f"{roof:.1f} tok/s; glm4v_ms {best_mode} reaches {100 * summary['roofline_fraction']:.0f}%")
-    if not args.skip_torch:
-        print(f"vs transformers: decode {summary['decode_vs_torch']:.2f}x, prefill {summary['prefill_vs_torch']:.2f}x"
-              f" (ratios > 1 mean glm4v_ms is faster)")
-    print(f"total {summary['seconds']:.0f} s")
+    for a in attns:  # every attention measured, so a comparison with the faster one is in the output too
+        t = results[f"torch_{a}_b{b0}"]
+        print(f"vs transformers ({a}{', its default' if a == 'sdpa' else ''}): decode "
+              f"{ours['decode_tok_s'] / t['decode_tok_s']:.2f}x, prefill {t['prefill_ms'] / best_prefill:.2f}x "
+              f"(ratios > 1 mean glm4v_ms is faster)")
+    print(f"threads {args.threads} on both sides; load average {summary['load_average'][0]} at the start, "
+          f"{summary['load_average'][1]} at the end; total {summary['seconds']:.0f} s")
     return 0
 
 

@@ -26,8 +26,12 @@ Stages (each: relative error ||ours - ref|| / ||ref||, max abs error, cosine sim
   tokens           the first --tokens greedy tokens of each side (no repetition penalty or other processors on
                    either side; EOS may stop), decoded with the tokenizer, and the first index where they differ.
                    A difference FAILS only if, at that step, the reference's logit margin between its token and
-                   ours exceeds the token-margin tolerance (default 2 x the max abs logits error on the prompt,
-                   or --token_margin); else it is reported as a near-tie and passes.
+                   ours exceeds the token-margin tolerance, else it is reported as a near-tie and passes. The
+                   tolerance (or --token_margin) is 2 x the max abs logits error AT THAT POSITION: ours from a
+                   plain forward over the prompt and the common tokens before it, against the reference's logits
+                   of that step. Each of the two logits can be off by that error, so a smaller margin may be
+                   rounding; a larger one is a real divergence (e.g. in our decode path, which the plain forward
+                   does not use). A side that stops early (EOS) where the other does not always FAILS.
 
 Default thresholds (each overridable):
   float32:  rel err <= 1e-4 for vision features, embeddings / hidden states and logits; cosine >= 0.99999.
@@ -50,9 +54,15 @@ parameters rounded to bf16, and the outputs of linear layers, norms, attention, 
 --layers: ``every:K`` = layers 0, K, 2K, ... and the last one (default every:4); ``all``; or indices ``0,5,39``
 (negative indices count from the end).
 
+Before anything runs, MODEL_DIR and --reference_dir must describe the same architecture (sizes and media token ids
+in config.json) and a quantization_config must parse. The reference must load every tensor of its checkpoint: a
+missing, unused or differently shaped tensor stops the run, naming them (transformers would leave a missing one at
+random values and the report would blame glm4v_ms).
+
 Exit status: 0 everything passes; 1 a stage or the token check fails (named on stdout / in the JSON); 2 usage or
-set-up errors (missing folder or media, torch missing, bad --layers, a converted folder without --reference_dir),
-reported as one ``error: ...`` line on stderr.
+set-up errors (missing folder or media, torch missing, bad --layers, a converted folder without --reference_dir,
+a reference that did not load completely or failed, a different model as --reference_dir, a checkpoint glm4v_ms
+cannot load), reported as one ``error: ...`` line on stderr.
 """
 
 from __future__ import annotations
@@ -114,7 +124,7 @@ def parse_args(argv=None):
                                                      "(default 0.99999 fp32, 0.998 bf16)")
     ap.add_argument("--token_margin", type=float, help="a differing greedy token fails when the reference prefers "
                                                        "its own token by more than this logit margin (default: 2 x "
-                                                       "the max abs logits error on the prompt)")
+                                                       "the max abs logits error at that position)")
     args = ap.parse_args(argv)
     if args.tokens < 0:
         raise UsageError("--tokens must be >= 0")
@@ -155,11 +165,15 @@ def messages(prompt: str, images: Sequence[str], video: Optional[str]) -> List[D
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
-def compare(ours: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
+class ShapeMismatch(ValueError):
+    pass
+
+
+def compare(ours: np.ndarray, ref: np.ndarray, stage: str = "array") -> Dict[str, float]:
+    if np.size(ours) != np.size(ref):  # compared flattened: [S, H] and [1, S, H] are the same array
+        raise ShapeMismatch(f"{stage}: our shape {tuple(np.shape(ours))} != the reference's {tuple(np.shape(ref))}")
     a = np.asarray(ours, np.float64).reshape(-1)
     b = np.asarray(ref, np.float64).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"shape {np.shape(ours)} != reference {np.shape(ref)}")
     nb, na = np.linalg.norm(b), np.linalg.norm(a)
     diff = a - b
     return {"rel_err": float(np.linalg.norm(diff) / max(nb, 1e-30)),
@@ -168,6 +182,59 @@ def compare(ours: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------- reference
+class ReferenceLoadError(UsageError):
+    """The reference checkpoint did not load completely: its report would be meaningless."""
+
+
+def _names(keys, limit: int = 4) -> str:
+    keys = list(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_reference_loaded(ref_dir: str, info: Dict, model=None) -> None:
+    """Raise ReferenceLoadError naming every kind of tensor transformers did not load as stored in ``ref_dir``."""
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing {_names(sorted(info['missing_keys']))} (left at random values)")
+    if info.get("mismatched_keys"):
+        def described(item):  # transformers 4.57 lists names; other versions (name, checkpoint shape, model shape)
+            if isinstance(item, (tuple, list)):
+                return f"{item[0]} {tuple(item[1])} in the checkpoint vs {tuple(item[2])} expected"
+            return f"{item} (the model expects {tuple(shapes[item])})" if item in shapes else str(item)
+
+        shapes = {k: v.shape for k, v in model.state_dict().items()} if model is not None else {}
+        problems.append("shape mismatch " + _names(described(k) for k in sorted(info["mismatched_keys"])))
+    if info.get("unexpected_keys"):
+        problems.append(f"not used {_names(sorted(info['unexpected_keys']))}")
+    if problems:
+        raise ReferenceLoadError(f"the reference checkpoint {ref_dir} did not load every tensor into transformers' "
+                                 f"model: {'; '.join(problems)}; fix or replace that folder (a reference with "
+                                 "random tensors would make the report blame glm4v_ms)")
+
+
+SHAPE_FIELDS = {"text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "head_dim"),
+                "vision": ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "in_channels",
+                           "patch_size", "temporal_patch_size", "spatial_merge_size"),
+                "": ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+                     "video_start_token_id", "video_end_token_id")}
+
+
+def check_same_model(ours, ref) -> None:
+    """MODEL_DIR and --reference_dir must describe the same architecture (the compared arrays' shapes and the media
+    token ids), checked from the two config.json files before anything runs."""
+    diffs = []
+    for part, names in SHAPE_FIELDS.items():
+        a, b = (getattr(c, part) if part else c for c in (ours, ref))
+        for n in names:
+            if getattr(a, n) != getattr(b, n):
+                diffs.append(f"{part + '.' if part else ''}{n} {getattr(a, n)} vs {getattr(b, n)}")
+    if diffs:
+        raise UsageError(f"MODEL_DIR and --reference_dir are different models ({_names(diffs)}, ours vs the "
+                         "reference): give the Hugging Face folder MODEL_DIR was made from")
+
+
 def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], tokens: int, eos: List[int],
                   pad: int) -> Dict:
     """The transformers model in fp32 on CPU: the compared stages as numpy, then greedy tokens and their raw logits.
@@ -175,8 +242,14 @@ def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int]
     import torch
     import transformers
 
-    model = transformers.Glm4vForConditionalGeneration.from_pretrained(
-        ref_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    # output_loading_info: transformers only logs (and parity.py silences) a tensor it did not load and leaves it at
+    # its random initial value; the report would then blame our side. ignore_mismatched_sizes turns a shape
+    # mismatch from a long RuntimeError into mismatched_keys, so all three are named the same way.
+    model, info = transformers.Glm4vForConditionalGeneration.from_pretrained(
+        ref_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
+        ignore_mismatched_sizes=True)
+    check_reference_loaded(ref_dir, info, model)
+    model.eval()
     vis, lm = model.model.visual, model.model.language_model
     st: Dict = {"layers": {}}
     want = set(layers)
@@ -217,8 +290,38 @@ def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int]
 
 
 # ----------------------------------------------------------------------------------------------------- ours
+def our_greedy(model, inputs: Dict[str, np.ndarray], tokens: int, eos: List[int], pad: int, mode: str) -> List[int]:
+    """Our first ``tokens`` greedy tokens (no penalty or other processors, like the reference's)."""
+    import glm4v_ms
+
+    seq = glm4v_ms.generate(model, **inputs, do_sample=False, repetition_penalty=1.0, max_new_tokens=tokens,
+                            eos_token_id=list(eos), pad_token_id=pad, mode=mode)
+    return seq[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def first_difference(ours: Sequence[int], ref: Sequence[int]) -> Optional[int]:
+    n = min(len(ours), len(ref))
+    first = next((i for i in range(n) if ours[i] != ref[i]), None)
+    if first is None and len(ours) != len(ref):
+        first = n  # one side stopped (EOS) where the other did not: only possible with different EOS sets
+    return first
+
+
+def teacher_forced_logits(model, inputs: Dict[str, np.ndarray], prefix: Sequence[int]):
+    """Our logits [V] for the position after prompt + ``prefix`` (a plain forward, no cache): what the reference's
+    generate scored at that step, so the error there can be measured."""
+    ids = inputs["input_ids"]
+    x = dict(inputs, input_ids=np.concatenate([ids, np.asarray([list(prefix)], ids.dtype)], axis=1))
+    if inputs.get("attention_mask") is not None:
+        am = inputs["attention_mask"]
+        x["attention_mask"] = np.concatenate([am, np.ones((1, len(prefix)), am.dtype)], axis=1)
+    return model(**x, logits_to_keep=1).logits[0, -1]
+
+
 def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], tokens: int, eos: List[int],
-             pad: int, dtype: str, device: str, mode: str) -> Dict:
+             pad: int, dtype: str, device: str, mode: str, ref_tokens: Sequence[int] = ()) -> Dict:
+    """Our stages as numpy and our greedy tokens; where they first differ from ``ref_tokens`` (both sides produced
+    a token there), also our logits at that position (``divergence``: (step, logits [V]))."""
     import mindspore as ms
     import glm4v_ms
     from glm4v_ms import Glm4vForConditionalGeneration
@@ -247,11 +350,12 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
         st["layers"] = {i: f32(out.hidden_states[i + 1]) for i in layers}  # [0] is the embeddings
         st["logits"] = f32(out.logits)
         del out
-        st["new_tokens"] = []
-        if tokens:
-            seq = glm4v_ms.generate(model, **inputs, do_sample=False, repetition_penalty=1.0, max_new_tokens=tokens,
-                                 eos_token_id=list(eos), pad_token_id=pad, mode=mode)
-            st["new_tokens"] = seq[0, inputs["input_ids"].shape[1]:].tolist()
+        st["new_tokens"] = our_greedy(model, inputs, tokens, eos, pad, mode) if tokens else []
+        k = first_difference(st["new_tokens"], list(ref_tokens))
+        if k is not None and k < min(len(st["new_tokens"]), len(ref_tokens)):
+            # the prefix before k is common to both sides; step 0 is the prompt's last position
+            lg = st["logits"][0, -1] if k == 0 else f32(teacher_forced_logits(model, inputs, ref_tokens[:k]))
+            st["divergence"] = (k, np.asarray(lg, np.float32).reshape(-1))
     finally:
         glm4v_ms.model.ops.set_bf16_emulation(False)
     st["emulated"] = emulate
@@ -260,10 +364,7 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
 
 # ----------------------------------------------------------------------------------------------------- report
 def token_check(ours: List[int], ref: List[int], step_logits: List[np.ndarray], tolerance: float) -> Dict:
-    n = min(len(ours), len(ref))
-    first = next((i for i in range(n) if ours[i] != ref[i]), None)
-    if first is None and len(ours) != len(ref):
-        first = n  # one side stopped (EOS) where the other did not: only possible with different EOS sets
+    first = first_difference(ours, ref)
     res = {"ours": ours, "reference": ref, "first_divergence": first, "margin": None,
            "margin_tolerance": tolerance, "near_tie": False, "pass": True}
     if first is None:
@@ -283,7 +384,7 @@ def build_report(ref: Dict, ours: Dict, layers: List[int], th: Dict, token_margi
     stages = []
 
     def add(name, kind, a, b):
-        m = compare(a, b)
+        m = compare(a, b, name)
         ok = m["rel_err"] <= th[kind] and m["cosine"] >= th["cosine"] and math.isfinite(m["rel_err"])
         stages.append(dict(stage=name, **m, max_rel=th[kind], min_cosine=th["cosine"], passed=bool(ok)))
 
@@ -293,9 +394,24 @@ def build_report(ref: Dict, ours: Dict, layers: List[int], th: Dict, token_margi
     for i in layers:
         add(f"layer.{i}", "hidden", ours["layers"][i], ref["layers"][i])
     add("logits", "logits", ours["logits"], ref["logits"])
-    logits_max = stages[-1]["max_abs"]
-    tol = token_margin if token_margin is not None else 2.0 * logits_max
+    # The near-tie tolerance comes from the logits error at the diverging position itself (our plain forward there
+    # against the reference's logits of that step): a margin within 2x that error may be rounding (each of the two
+    # logits can be off by it), a larger one is a real divergence. The worst error over the whole prompt would
+    # excuse a divergence wherever some other position happened to be less exact.
+    position_err = None
+    if "divergence" in ours:
+        k, lg = ours["divergence"]
+        position_err = compare(lg, ref["step_logits"][k], f"logits at token {k}")["max_abs"]
+    if token_margin is not None:
+        tol, basis = token_margin, "--token_margin"
+    elif position_err is not None:
+        tol, basis = 2.0 * position_err, "2 x the max abs logits error at that position"
+    elif first_difference(ours["new_tokens"], ref["new_tokens"]) is None:
+        tol, basis = 0.0, "no divergence"
+    else:  # one side stopped early: there is no pair of logits to compare, so no excuse either
+        tol, basis = 0.0, "no logits of ours at that position"
     tok = token_check(ours["new_tokens"], ref["new_tokens"], ref["step_logits"], tol)
+    tok.update(position_max_abs=position_err, tolerance_basis=basis)
     failed = [s["stage"] for s in stages if not s["passed"]]
     if not tok["pass"]:
         failed.append("tokens")
@@ -324,7 +440,8 @@ def print_table(rep: Dict, header: List[str]) -> None:
             why = "one side stopped early"
         else:
             why = (f"reference margin {t['margin']:.3e} {'<=' if t['near_tie'] else '>'} tolerance "
-                   f"{t['margin_tolerance']:.3e}: {'near-tie' if t['near_tie'] else 'real divergence'}")
+                   f"{t['margin_tolerance']:.3e} ({t['tolerance_basis']}): "
+                   f"{'near-tie' if t['near_tie'] else 'real divergence'}")
         print(f"greedy tokens: first divergence at token {i} ({why})   {'PASS' if t['pass'] else 'FAIL'}")
     print(f"  ours:      {t['ours']}")
     print(f"             {t.get('ours_text', '')!r}")
@@ -386,6 +503,19 @@ def _run(args) -> int:
         kind = "written by tools/convert.py" if config.converted else "a quantised (GPTQ) checkpoint"
         raise UsageError(f"{model_dir} is {kind}; transformers cannot load it as the fp32 reference: pass the "
                          "original Hugging Face folder as --reference_dir")
+    if config.quantization is not None:  # a bad quantization_config is found now, not after the reference's run
+        from glm4v_ms.model.quant import GPTQConfig
+
+        try:
+            GPTQConfig.from_dict(config.quantization)
+        except ValueError as e:
+            raise UsageError(f"MODEL_DIR {model_dir}: {_first_line(e)}") from None
+    if args.reference_dir is not None:
+        try:
+            ref_config = Glm4vConfig.from_pretrained(ref_dir)
+        except setup_errors as e:
+            raise UsageError(f"--reference_dir: {_first_line(e)}") from None
+        check_same_model(config, ref_config)
     n_layers = config.text.num_hidden_layers
     layers = parse_layers(args.layers, n_layers)
     try:
@@ -428,18 +558,25 @@ def _run(args) -> int:
     _progress(f"reference (transformers, fp32, CPU): {ref_dir}")
     try:
         ref = run_reference(ref_dir, inputs, layers, args.tokens, eos, pad)
-    except (OSError, CheckpointError) as e:
-        raise UsageError(f"reference: {_first_line(e)}") from None
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' errors (loading, a forward that fails) end in one line
+        raise UsageError(f"the reference (transformers, {ref_dir}) failed: {type(e).__name__}: {_first_line(e)}") \
+            from None
     gc.collect()
     t_ref = time.perf_counter() - t0
     _progress(f"ours (glm4v_ms, {args.dtype}, {args.device}): {model_dir}")
     try:
-        ours = run_ours(model_dir, inputs, layers, args.tokens, eos, pad, args.dtype, args.device, args.mode)
-    except (OSError, CheckpointError) as e:
-        raise UsageError(f"ours: {_first_line(e)}") from None
+        ours = run_ours(model_dir, inputs, layers, args.tokens, eos, pad, args.dtype, args.device, args.mode,
+                        ref["new_tokens"])
+    except setup_errors as e:  # QuantConfigError is a ValueError: a GPTQ tensor the config does not describe
+        raise UsageError(f"glm4v_ms could not load or run {model_dir}: {_first_line(e)}") from None
     t_ours = time.perf_counter() - t0 - t_ref
 
-    rep = build_report(ref, ours, layers, th, args.token_margin)
+    try:
+        rep = build_report(ref, ours, layers, th, args.token_margin)
+    except ShapeMismatch as e:
+        raise UsageError(f"{e}: MODEL_DIR and --reference_dir are not the same model") from None
     tok = rep["tokens"]
     dec = processor.tokenizer.decode
     tok["ours_text"] = dec(tok["ours"], skip_special_tokens=False)
