@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Create a tiny random GLM-4.1V checkpoint folder (HF layout) offline, in seconds.
 
-    python tools/make_tiny_model.py DIR [--seed 0] [--force]
+    python tools/make_tiny_model.py DIR [--seed 0] [--force] [--variant 4.1v|4.6v]
 
 Its weights are random: the model runs the full pipeline but produces random text.
 """
@@ -18,11 +18,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true",
                     help="replace the folder if it exists and is a model folder (has config.json) or empty")
+    ap.add_argument("--variant", choices=("4.1v", "4.6v"), default="4.1v",
+                    help="4.6v: GLM-4.6V-Flash's token ids, tool-calling template, context and processor files")
     args = ap.parse_args(argv)
     from glm4v_ms.apps.tiny import make_tiny_model
 
     try:
-        path = make_tiny_model(args.folder, seed=args.seed, overwrite=args.force)
+        path = make_tiny_model(args.folder, seed=args.seed, overwrite=args.force, variant=args.variant)
     except (OSError, ValueError) as e:  # FileExistsError, NotADirectoryError, PermissionError are OSErrors
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"error: {msg}", file=sys.stderr)

@@ -27,6 +27,8 @@ from ..processing.media import MediaOptions
 from ..runtime.output import Box, parse_boxes, rescale_boxes, split_thinking
 
 TINY_RANDOM = "tiny-random"
+TINY_RANDOM_46V = "tiny-random-4.6v"  # the same with GLM-4.6V-Flash's files (token ids, tools template, configs)
+_TINY = {TINY_RANDOM: "4.1v", TINY_RANDOM_46V: "4.6v"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -38,27 +40,27 @@ class PromptTooLongError(ValueError):
     """The prompt (text and media tokens) does not fit the context."""
 
 
-def tiny_model_dir() -> str:
+def tiny_model_dir(name: str = TINY_RANDOM) -> str:
     """Where tiny-random is cached; the name carries a hash of its builders, so a changed builder rebuilds it."""
     import hashlib
 
     pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha1()
-    for name in (os.path.join("apps", "tiny.py"), os.path.join("processing", "tiny_tokenizer.py")):
-        with open(os.path.join(pkg, name), "rb") as f:
+    for path in (os.path.join("apps", "tiny.py"), os.path.join("processing", "tiny_tokenizer.py")):
+        with open(os.path.join(pkg, path), "rb") as f:
             h.update(f.read())
-    return os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", f"{TINY_RANDOM}-{h.hexdigest()[:10]}")
+    return os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", f"{name}-{h.hexdigest()[:10]}")
 
 
 def resolve_model(name: str) -> str:
     """A local folder as is; ``tiny-random`` built on first use; a hub id (``org/name``) downloaded with
     huggingface_hub (a clear error when offline)."""
-    if name == TINY_RANDOM:
-        folder = tiny_model_dir()
+    if name in _TINY:
+        folder = tiny_model_dir(name)
         if not os.path.exists(os.path.join(folder, "model.safetensors")):
             from .tiny import make_tiny_model
 
-            make_tiny_model(folder, overwrite=True)
+            make_tiny_model(folder, overwrite=True, variant=_TINY[name])
         return folder
     if os.path.isdir(name):
         return name
@@ -73,8 +75,8 @@ def resolve_model(name: str) -> str:
                 f"({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0][:160]}); download it elsewhere and pass "
                 "its folder"
             ) from None
-    raise ModelNotFoundError(f"model folder not found: {name} (pass a GLM-4.1V folder, a hub id like "
-                             "zai-org/GLM-4.1V-9B-Thinking, or tiny-random)")
+    raise ModelNotFoundError(f"model folder not found: {name} (pass a GLM-V folder, a hub id like "
+                             "zai-org/GLM-4.1V-9B-Thinking, or tiny-random / tiny-random-4.6v)")
 
 
 class ModelFolderError(ValueError):

@@ -29,10 +29,16 @@ TINY_VISION = {
 }
 
 
-def tiny_config(vocab_size: int, token_ids: Dict) -> Dict:
+# GLM-4.6V-Flash's differences that live in the files: a 128K context (the hub lists 131072 positions) and the
+# image processor's size form. The tiny model keeps a small rope theta: its positions stay short.
+TINY_46V_TEXT = {"max_position_embeddings": 131072}
+VARIANTS = ("4.1v", "4.6v")
+
+
+def tiny_config(vocab_size: int, token_ids: Dict, variant: str = "4.1v") -> Dict:
     """config.json of the tiny model (nested 4.57 layout); token ids come from its tokenizer."""
     text = dict(TINY_TEXT, vocab_size=vocab_size, pad_token_id=token_ids["pad_token_id"],
-                eos_token_id=list(token_ids["eos_token_id"]))
+                eos_token_id=list(token_ids["eos_token_id"]), **(TINY_46V_TEXT if variant == "4.6v" else {}))
     top = {k: token_ids[k] for k in ("image_token_id", "video_token_id", "image_start_token_id",
                                      "image_end_token_id", "video_start_token_id", "video_end_token_id")}
     return dict({"architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v",
@@ -94,30 +100,43 @@ def _check_target(folder: str, overwrite: bool) -> None:
                               "replaced, even with --force: choose another path")
 
 
-def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False) -> str:
+def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False, variant: str = "4.1v") -> str:
     """Create a complete HF-layout GLM-4.1V folder at ``folder``: config.json, model.safetensors, tokenizer files
-    with the chat template, preprocessor_config.json and generation_config.json. Returns the folder."""
+    with the chat template, preprocessor_config.json and generation_config.json. Returns the folder.
+
+    ``variant="4.6v"``: GLM-4.6V-Flash's files instead: its token ids (video span at <|endoftext|> + 32 / 33), tool
+    tokens and a tool-calling chat template, a 131072-position context, the processor configs as published
+    (``processor_class`` Glm46VProcessor, image ``size`` 12544 .. 9,633,792, a video_preprocessor_config.json with
+    ``size`` 12544 .. 100,352,000)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny model variant {variant!r}; use one of {VARIANTS}")
     folder = os.path.abspath(folder)
     _check_target(folder, overwrite)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
     try:
-        token_ids, vocab = _write_tokenizer(tmp)
-        cfg = tiny_config(vocab, token_ids)
+        token_ids, vocab = _write_tokenizer(tmp, variant)
+        cfg = tiny_config(vocab, token_ids, variant)
         _write_json(os.path.join(tmp, "config.json"), cfg)
         save_file(random_weights(cfg, seed), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, "generation_config.json"), {
             "_from_model_config": False, "do_sample": True, "eos_token_id": cfg["text_config"]["eos_token_id"],
             "pad_token_id": cfg["text_config"]["pad_token_id"], "top_k": 2, "top_p": 1e-5,
             "repetition_penalty": 1.1, "max_new_tokens": 8192})
-        _write_json(os.path.join(tmp, "preprocessor_config.json"), {
-            "image_processor_type": "Glm4vImageProcessor", "processor_class": "Glm4vProcessor",
-            "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
-            "resample": 3, "rescale_factor": 1 / 255,
-            "size": {"shortest_edge": 12544, "longest_edge": 9633792},
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2})
+        common = {"size": {"shortest_edge": 12544, "longest_edge": 9633792}, "do_rescale": True, "patch_size": 14,
+                  "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                  "image_std": [0.26862954, 0.26130258, 0.27577711]}
+        if variant == "4.1v":
+            _write_json(os.path.join(tmp, "preprocessor_config.json"), dict(
+                common, image_processor_type="Glm4vImageProcessor", processor_class="Glm4vProcessor",
+                do_resize=True, do_normalize=True, do_convert_rgb=True, resample=3, rescale_factor=1 / 255))
+        else:  # the two files of the GLM-4.6V-Flash hub folder, as published
+            _write_json(os.path.join(tmp, "preprocessor_config.json"), dict(
+                common, image_processor_type="Glm46VImageProcessor", processor_class="Glm46VProcessor"))
+            _write_json(os.path.join(tmp, "video_preprocessor_config.json"), dict(
+                common, size={"shortest_edge": 12544, "longest_edge": 100352000},
+                video_processor_type="Glm46VVideoProcessor", processor_class="Glm46VProcessor"))
         if os.path.exists(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -127,10 +146,10 @@ def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False) -> str:
     return folder
 
 
-def _write_tokenizer(folder: str):
+def _write_tokenizer(folder: str, variant: str = "4.1v"):
     """Writes the offline GLM-4.1V test tokenizer (with its chat template); returns (config token ids, vocab size).
     The embedding gets a few spare rows beyond the tokenizer, as the real model has (151552 > 151329 + specials)."""
     from ..processing.tiny_tokenizer import build_tiny_tokenizer, model_token_ids
 
-    tok = build_tiny_tokenizer(folder)
+    tok = build_tiny_tokenizer(folder, vocab_size=320 if variant == "4.1v" else 352, variant=variant)
     return model_token_ids(tok), (len(tok) // 64 + 1) * 64

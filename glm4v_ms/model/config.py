@@ -198,8 +198,20 @@ LAYOUT_KEY = "glm4v_ms"
 CONVERTED_LAYOUT = "half_rotary_qk/v1"
 
 
+# model_type values of the dense GLM-V family. "glm4v": GLM-4.1V-9B-Thinking / -Base and GLM-4.6V-Flash as
+# published; "glm46v": the same folder as transformers 5.x's Glm46VConfig writes it (it composes the glm4v_text and
+# glm4v_vision configs, so the network is the same); "glm4v_text": a text-only sub-config.
+MODEL_TYPES = ("glm4v", "glm46v", "glm4v_text")
+ARCHITECTURES = ("Glm4vForConditionalGeneration", "Glm46VForConditionalGeneration", "Glm4vModel", "Glm46VModel")
+_SUB_MODEL_TYPES = {"text_config": ("glm4v_text", "glm4v", "glm46v_text", "glm46v"),
+                    "vision_config": ("glm4v_vision", "glm4v", "glm46v_vision", "glm46v")}
+
 _TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
                     "video_start_token_id", "video_end_token_id")
+
+# Class defaults of transformers 5.x's Glm46VConfig where they differ from Glm4vConfig's (used only when the file
+# omits the field; a value in the file always wins).
+_DEFAULT_IDS = {"glm46v": {"video_start_token_id": 151361, "video_end_token_id": 151362}}
 
 
 @dataclass
@@ -212,6 +224,8 @@ class Glm4vConfig:
     image_end_token_id: int = 151340
     video_start_token_id: int = 151341
     video_end_token_id: int = 151342
+    # the file's model_type ("glm4v" or "glm46v"; "glm4v" when absent)
+    model_type: str = "glm4v"
     # "hf" (tensors as transformers stores them) or CONVERTED_LAYOUT (written by tools/convert.py)
     layout: str = "hf"
     # the raw ``quantization_config`` object of a quantised checkpoint (parsed by quant.GPTQConfig), else None
@@ -230,9 +244,15 @@ class Glm4vConfig:
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
-        if mt is not None and mt not in ("glm4v", "glm4v_text"):
-            raise ValueError(f"config field 'model_type': {mt!r} is not a GLM-4.1V model (expected 'glm4v'); "
-                             "GLM-4.5V (glm4v_moe) is not supported")
+        if mt is not None and mt not in MODEL_TYPES:
+            raise ValueError(f"config field 'model_type': {mt!r} is not a dense GLM-V model (expected one of "
+                             f"{', '.join(MODEL_TYPES)}); the MoE models GLM-4.5V / GLM-4.6V (glm4v_moe) are not "
+                             "supported")
+        arch = d.get("architectures")
+        if isinstance(arch, list) and arch and not any(a in ARCHITECTURES for a in arch):
+            raise ValueError(f"config field 'architectures': {arch} names no dense GLM-V model (expected one of "
+                             f"{', '.join(ARCHITECTURES)}); the MoE models (Glm4vMoeForConditionalGeneration) are "
+                             "not supported")
         text_d = d.get("text_config")
         if text_d is None:
             # Flat layout: the text fields sit at the top level.
@@ -250,9 +270,18 @@ class Glm4vConfig:
         vision_d = d.get("vision_config") or {}
         if not isinstance(vision_d, dict):
             raise ValueError("config field 'vision_config': expected a JSON object")
+        for key, allowed in _SUB_MODEL_TYPES.items():
+            sub = d.get(key)
+            smt = sub.get("model_type") if isinstance(sub, dict) else None
+            if smt is not None and smt not in allowed:
+                raise ValueError(f"config field '{key}.model_type': {smt!r} is not a dense GLM-V {key[:-7]} "
+                                 f"config (expected one of {', '.join(allowed)})")
         text = TextConfig.from_dict(text_d)
         vision = VisionConfig.from_dict(vision_d)
-        ids = {k: d[k] for k in _TOKEN_ID_FIELDS if d.get(k) is not None}
+        # Ids the file gives win; missing ones take the defaults of the class transformers would build for this
+        # model_type (Glm4vConfig: 4.1V's ids; Glm46VConfig: video span 151361 / 151362).
+        ids = dict(_DEFAULT_IDS.get(mt, {}))
+        ids.update({k: d[k] for k in _TOKEN_ID_FIELDS if d.get(k) is not None})
         marker = d.get(LAYOUT_KEY)
         layout = "hf"
         if marker is not None:
@@ -264,7 +293,8 @@ class Glm4vConfig:
         quant = d.get("quantization_config", text_d.get("quantization_config"))
         if quant is not None and not isinstance(quant, dict):
             raise ValueError("config field 'quantization_config': expected a JSON object")
-        cfg = cls(text=text, vision=vision, layout=layout, quantization=quant, **ids)
+        cfg = cls(text=text, vision=vision, layout=layout, quantization=quant,
+                  model_type=mt if mt in ("glm4v", "glm46v") else "glm4v", **ids)
         cfg.validate()
         return cfg
 

@@ -66,7 +66,13 @@ class Glm4vProcessor:
 
     def __init__(self, tokenizer, image_config: Optional[ImageProcessorConfig] = None,
                  video_config: Optional[VideoProcessorConfig] = None, chat_template: Optional[str] = None,
-                 media_options: Optional[MediaOptions] = None):
+                 media_options: Optional[MediaOptions] = None, family: str = "glm4v"):
+        """``family``: "glm4v" (Glm4vProcessor: a video frame group's timestamp is written as whole seconds, "3")
+        or "glm46v" (Glm46VProcessor, GLM-4.6V's files: "3.0 seconds"); from_pretrained reads it from the
+        folder's ``processor_class``."""
+        if family not in PROCESSOR_FAMILIES:
+            raise ValueError(f"processor family {family!r}: expected one of {PROCESSOR_FAMILIES}")
+        self.family = family
         self.tokenizer = tokenizer
         self.image_config = image_config or ImageProcessorConfig()
         self.video_config = video_config or VideoProcessorConfig()
@@ -91,21 +97,15 @@ class Glm4vProcessor:
     def from_pretrained(cls, folder, *, media_options: Optional[MediaOptions] = None, **tokenizer_kwargs):
         """Tokenizer, chat template and preprocessing configs from a checkpoint folder.
 
-        Image settings: ``preprocessor_config.json`` (transformers' class defaults when absent). Video settings:
-        ``video_preprocessor_config.json``; when absent, transformers 4.57 falls back to ``preprocessor_config.json``
-        (so its pixel limits apply to videos too) and so do we; without either, the video class defaults.
+        Image and video settings and the processor family: :func:`read_processor_configs` (4.x files, a 5.x
+        ``processor_config.json``, both pixel-limit forms; transformers' class defaults when absent).
         Chat template: the tokenizer's, else ``chat_template.jinja``, else ``chat_template.json``.
         """
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder}: not a folder; pass the checkpoint folder holding tokenizer.json "
                                     "and preprocessor_config.json")
-        image_dict = _read_json(os.path.join(folder, "preprocessor_config.json"))
-        video_dict = _read_json(os.path.join(folder, "video_preprocessor_config.json"))
-        image_config = ImageProcessorConfig.from_dict(image_dict or {}, f"{folder}/preprocessor_config.json")
-        video_name = "video_preprocessor_config.json" if video_dict is not None else "preprocessor_config.json"
-        video_config = VideoProcessorConfig.from_dict(video_dict if video_dict is not None else (image_dict or {}),
-                                                      f"{folder}/{video_name}")
+        image_config, video_config, family = read_processor_configs(folder)
         from transformers import AutoTokenizer  # the only use of transformers: the tokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs)
@@ -116,7 +116,8 @@ class Glm4vProcessor:
         if template is None:
             template = _template_text((_read_json(os.path.join(folder, "chat_template.json")) or {})
                                       .get("chat_template"))
-        return cls(tokenizer, image_config, video_config, chat_template=template, media_options=media_options)
+        return cls(tokenizer, image_config, video_config, chat_template=template, media_options=media_options,
+                   family=family)
 
     # ------------------------------------------------------------------------------------------------- chat entry
     def apply_chat_template(self, conversation, *, add_generation_prompt: bool = False, tokenize: bool = False,
@@ -289,11 +290,15 @@ class Glm4vProcessor:
                 out.append(self.image_token * next(image_tokens))
             elif piece == self.video_token:
                 per_group, timestamps = next(video_layouts)
-                out.extend(f"{self.image_start_token}{self.image_token * per_group}{self.image_end_token}{int(t)}"
-                           for t in timestamps)
+                out.extend(f"{self.image_start_token}{self.image_token * per_group}{self.image_end_token}"
+                           f"{self.format_timestamp(t)}" for t in timestamps)
             else:
                 out.append(piece)
         return "".join(out)
+
+    def format_timestamp(self, seconds: float) -> str:
+        """A frame group's time as the prompt writes it: "3" (Glm4vProcessor), "3.0 seconds" (Glm46VProcessor)."""
+        return f"{seconds:.1f} seconds" if self.family == "glm46v" else str(int(seconds))
 
     # ---------------------------------------------------------------------------------------------------- decode
     def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
@@ -309,6 +314,43 @@ class Glm4vProcessor:
         return self.batch_decode(sequences[None] if sequences.ndim == 1 else sequences,
                                  skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False,
                                  **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------- configs
+PROCESSOR_FAMILIES = ("glm4v", "glm46v")
+
+
+def read_processor_configs(folder: str) -> Tuple[ImageProcessorConfig, VideoProcessorConfig, str]:
+    """Image and video settings and the processor family of a checkpoint folder, in every form seen in the wild.
+
+    * transformers 4.x: ``preprocessor_config.json`` (image) and ``video_preprocessor_config.json`` (video); without
+      the video file, 4.57 takes the video settings from ``preprocessor_config.json`` and so do we.
+    * transformers 5.x: one ``processor_config.json`` with ``image_processor`` and ``video_processor`` objects
+      (used for whatever the separate files do not give; a separate file wins, it is what 4.x reads).
+    * pixel limits as ``min_pixels`` / ``max_pixels`` or ``size: {shortest_edge, longest_edge}``; the video's fps,
+      ``max_duration`` and ``do_sample_frames`` from its own config.
+    Family: "glm46v" when a ``processor_class`` / ``*_processor_type`` names a Glm46V class (GLM-4.6V's files:
+    timestamps "3.0 seconds" and its frame-sampling rule), else "glm4v". Without any file: the class defaults.
+    """
+    image_dict = _read_json(os.path.join(folder, "preprocessor_config.json"))
+    video_dict = _read_json(os.path.join(folder, "video_preprocessor_config.json"))
+    combined = _read_json(os.path.join(folder, "processor_config.json")) or {}
+    image_name = f"{folder}/preprocessor_config.json"
+    if image_dict is None and isinstance(combined.get("image_processor"), dict):
+        image_dict, image_name = combined["image_processor"], f"{folder}/processor_config.json: image_processor"
+    video_name = f"{folder}/video_preprocessor_config.json"
+    if video_dict is None and isinstance(combined.get("video_processor"), dict):
+        video_dict, video_name = combined["video_processor"], f"{folder}/processor_config.json: video_processor"
+    if video_dict is None:
+        video_dict, video_name = image_dict, image_name
+    names = [d.get(k) for d in (image_dict or {}, video_dict or {}, combined)
+             for k in ("processor_class", "image_processor_type", "video_processor_type")]
+    family = "glm46v" if any(isinstance(n, str) and n.startswith("Glm46V") for n in names) else "glm4v"
+    image_config = ImageProcessorConfig.from_dict(image_dict or {}, image_name)
+    video_config = VideoProcessorConfig.from_dict(dict(video_dict or {}), video_name)
+    if family == "glm46v":
+        video_config.sampling = "glm46v"
+    return image_config, video_config, family
 
 
 # ------------------------------------------------------------------------------------------------------- helpers

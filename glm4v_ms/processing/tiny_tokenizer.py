@@ -32,6 +32,23 @@ SPECIAL_TOKENS: List[str] = [
 # Added after the specials; not flagged special, so decoding with skip_special_tokens keeps them.
 THINKING_TOKENS: List[str] = ["<think>", "</think>", "<answer>", "</answer>"]
 
+# GLM-4.6V-Flash variant. What is public (transformers 5.x Glm46VConfig defaults and the published config): image
+# span 151339 / 151340, <|image|> / <|video|> 151343 / 151344 (base + 10, 11, 14, 15, as in 4.1V) and the video span
+# 151361 / 151362 (base + 32, 33 instead of 4.1V's base + 12, 13). The real tokenizer's full order was not available
+# offline, so the tiny variant keeps 4.1V's order where the ids agree, moves the box tokens into the freed slots
+# 12 / 13, fills 16 .. 31 with reserved tokens, and puts the video span at 32 / 33: every id the model, the
+# processor and get_rope_index read sits at its real offset from <|endoftext|>.
+SPECIAL_TOKENS_46V: List[str] = (
+    SPECIAL_TOKENS[:12] + ["<|begin_of_box|>", "<|end_of_box|>", "<|image|>", "<|video|>"]
+    + [f"<|reserved_{i}|>" for i in range(16, 32)] + ["<|begin_of_video|>", "<|end_of_video|>"])
+# GLM-4.6V's tool-call and thinking markup, as non-special added tokens (they stay in decoded text, where the
+# tool-call parser reads them).
+TOOL_TOKENS: List[str] = ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+                          "<tool_response>", "</tool_response>", "/nothink"]
+THINKING_TOKENS_46V: List[str] = ["<think>", "</think>"] + TOOL_TOKENS
+
+VARIANTS = ("4.1v", "4.6v")
+
 # GLM-4's tiktoken split pattern (spec 6.5): letters, 1-3 digit groups, punctuation runs, newlines, spaces.
 GLM4_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -61,6 +78,60 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
 
+# GLM-4.6V's chat template, modelled on the published one (chat_template.jinja of GLM-4.6V-Flash / GLM-4.5V): a tool
+# list in a system turn, assistant tool calls as <tool_call>NAME\n<arg_key>k</arg_key>\n<arg_value>v</arg_value>...
+# </tool_call> (string values as they are, others as JSON), consecutive "tool" messages in one <|observation|> turn
+# as <tool_response> blocks, thinking closed with </think> on earlier turns, and media placeholders. Simplified:
+# reasoning_content of earlier assistant turns is dropped (the template keeps only the answer), no /nothink switch.
+CHAT_TEMPLATE_46V = (
+    "{{- '[gMASK]<sop>' -}}"
+    "{%- if tools -%}"
+    "{{- '<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n' -}}"
+    "{%- for tool in tools -%}{{- tool | tojson(ensure_ascii=False) -}}{{- '\n' -}}{%- endfor -%}"
+    "{{- '</tools>\n\nFor each function call, output the function name and arguments within the following XML "
+    "format:\n<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}</arg_value>\n"
+    "<arg_key>{arg-key-2}</arg_key>\n<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>' -}}"
+    "{%- endif -%}"
+    "{%- macro visible(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- elif content is not none -%}"
+    "{%- for item in content -%}"
+    "{%- if item['type'] == 'video' -%}{{- '<|begin_of_video|><|video|><|end_of_video|>' -}}"
+    "{%- elif item['type'] == 'image' -%}{{- '<|begin_of_image|><|image|><|end_of_image|>' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{- '<|system|>\n' + visible(m['content']) -}}"
+    "{%- elif m['role'] == 'user' -%}{{- '<|user|>\n' + visible(m['content']) -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- set content = visible(m['content']) -%}"
+    "{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
+    "{{- '<|assistant|>\n</think>' + content.strip() -}}"
+    "{%- if m['tool_calls'] is defined and m['tool_calls'] -%}"
+    "{%- for tc in m['tool_calls'] -%}"
+    "{%- set f = tc['function'] if tc['function'] is defined else tc -%}"
+    "{{- '\n<tool_call>' + f['name'] + '\n' -}}"
+    "{%- for k, v in f['arguments'].items() -%}"
+    "{{- '<arg_key>' + k + '</arg_key>\n<arg_value>' -}}"
+    "{%- if v is string -%}{{- v -}}{%- else -%}{{- v | tojson(ensure_ascii=False) -}}{%- endif -%}"
+    "{{- '</arg_value>\n' -}}"
+    "{%- endfor -%}"
+    "{{- '</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|observation|>' -}}{%- endif -%}"
+    "{{- '\n<tool_response>\n' + visible(m['content']) + '\n</tool_response>' -}}"
+    "{%- else -%}{{- raise_exception('GLM-4.6V chat template: unknown role ' ~ m['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+)
+
 # Training text: enough variety for a few dozen merges in both scripts, plus the digits timestamps use.
 _CORPUS: List[str] = [
     "What kind of dog is this?", "Describe this image in detail.", "Describe the video.",
@@ -79,14 +150,21 @@ _CORPUS: List[str] = [
 ]
 
 
-def _train_backend(vocab_size: int):
+def _variant_tokens(variant: str):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny tokenizer variant {variant!r}; use one of {VARIANTS}")
+    return (SPECIAL_TOKENS, THINKING_TOKENS) if variant == "4.1v" else (SPECIAL_TOKENS_46V, THINKING_TOKENS_46V)
+
+
+def _train_backend(vocab_size: int, variant: str = "4.1v"):
     """Train the byte-level BPE and append GLM's added tokens; returns a ``tokenizers.Tokenizer``."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    base_vocab = vocab_size - len(SPECIAL_TOKENS) - len(THINKING_TOKENS)
+    specials, added = _variant_tokens(variant)
+    base_vocab = vocab_size - len(specials) - len(added)
     if base_vocab <= 256:
         raise ValueError(f"vocab_size={vocab_size} leaves {base_vocab} base tokens; byte-level BPE needs more than "
-                         f"256 (the byte alphabet) plus {len(SPECIAL_TOKENS) + len(THINKING_TOKENS)} added tokens")
+                         f"256 (the byte alphabet) plus {len(specials) + len(added)} added tokens")
     tok = Tokenizer(models.BPE())
     # Split with GLM's regex first, then map bytes to printable characters (no regex of ByteLevel's own).
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -102,29 +180,32 @@ def _train_backend(vocab_size: int):
     if got != base_vocab:
         raise RuntimeError(f"BPE training produced {got} tokens instead of {base_vocab}; the built-in corpus is "
                            "too small for this vocab_size")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINKING_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     # Ids must be consecutive from base_vocab, as the real ones are from 151329.
-    for offset, t in enumerate(SPECIAL_TOKENS + THINKING_TOKENS):
+    for offset, t in enumerate(specials + added):
         if tok.token_to_id(t) != base_vocab + offset:
             raise RuntimeError(f"added token {t!r} got id {tok.token_to_id(t)}, expected {base_vocab + offset}")
     return tok
 
 
-def build_tiny_tokenizer(folder: str, vocab_size: int = 320):
-    """Build the tiny GLM-4.1V tokenizer, save it into ``folder`` and return it as a ``PreTrainedTokenizerFast``.
+def build_tiny_tokenizer(folder: str, vocab_size: int = 320, variant: str = "4.1v"):
+    """Build the tiny GLM-4.1V (or, ``variant="4.6v"``, GLM-4.6V-Flash) tokenizer, save it into ``folder`` and return
+    it as a ``PreTrainedTokenizerFast``.
 
-    ``vocab_size`` is the total length including the 22 added tokens (default 320: 298 BPE tokens, specials at
-    298..315, ``<think>`` ... ``</answer>`` at 316..319). Files are written to a temporary folder first and then moved
-    into place, so an interrupted build never leaves a half-written tokenizer.
+    ``vocab_size`` is the total length including the added tokens (4.1v, default 320: 298 BPE tokens, specials at
+    298..315, ``<think>`` ... ``</answer>`` at 316..319; 4.6v: 34 specials and 11 thinking / tool tokens after the
+    BPE tokens). Files are written to a temporary folder first and then moved into place, so an interrupted build
+    never leaves a half-written tokenizer.
     """
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_backend(vocab_size),
+        tokenizer_object=_train_backend(vocab_size, variant),
         eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        padding_side="left", model_max_length=65536, clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
+        padding_side="left", model_max_length=131072 if variant == "4.6v" else 65536,
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE if variant == "4.1v" else CHAT_TEMPLATE_46V,
     )
     os.makedirs(folder, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tiny_tokenizer.", dir=folder)
@@ -143,11 +224,12 @@ def special_token_ids(tokenizer) -> Dict[str, int]:
     Raises ``KeyError`` naming the tokens the tokenizer does not know (a wrong tokenizer, not a GLM-4.1V one).
     """
     vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS + THINKING_TOKENS if t not in vocab]
+    missing = [t for t in SPECIAL_TOKENS + ["<think>", "</think>"] if t not in vocab]
     if missing:
-        raise KeyError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} lacks GLM-4.1V tokens {missing}; "
+        raise KeyError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} lacks GLM-V tokens {missing}; "
                        "load the tokenizer that ships with the checkpoint")
-    return {t: int(vocab[t]) for t in SPECIAL_TOKENS + THINKING_TOKENS}
+    known = SPECIAL_TOKENS + THINKING_TOKENS + TOOL_TOKENS
+    return {t: int(vocab[t]) for t in known if t in vocab}
 
 
 def model_token_ids(tokenizer) -> Dict[str, object]:
@@ -163,5 +245,8 @@ def model_token_ids(tokenizer) -> Dict[str, object]:
         "image_start_token_id": ids["<|begin_of_image|>"], "image_end_token_id": ids["<|end_of_image|>"],
         "video_start_token_id": ids["<|begin_of_video|>"], "video_end_token_id": ids["<|end_of_video|>"],
         "pad_token_id": ids["<|endoftext|>"],
-        "eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"], ids["</answer>"]],
+        # </answer> ends 4.1V's answers; GLM-4.6V has no <answer> markup (eos: <|endoftext|>, <|user|>,
+        # <|observation|>, which also ends a turn that made tool calls)
+        "eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]]
+        + ([ids["</answer>"]] if "</answer>" in ids else []),
     }

@@ -36,6 +36,10 @@ class VideoProcessorConfig(ImageProcessorConfig):
     fps: float = 2.0
     max_duration: float = 300.0
     do_sample_frames: bool = True
+    # "glm4v": Glm4vVideoProcessor's rule (``fps`` frames per second, ``max_duration``); "glm46v":
+    # Glm46VVideoProcessor's (a frame rate chosen by the clip's length, see sample_frame_indices_46v). Not a file
+    # field: processor.read_processor_configs sets it from the folder's processor class.
+    sampling: str = "glm4v"
 
 
 @dataclass
@@ -104,6 +108,72 @@ def sample_frame_indices(total_num_frames: int, fps: float, *, target_fps: float
     return unique
 
 
+# Glm46VVideoProcessor's constants (transformers 5.x hard-codes them; its config file's fps is not used by it):
+# clips up to 30 s are sampled at 3 fps, up to 300 s at 1 fps, longer ones at 0.5 fps over at most 2400 s, and at
+# most 640 frames in all.
+_46V_RATES = ((30.0, 3.0), (300.0, 1.0), (2400.0, 0.5))
+_46V_MAX_DURATION = 2400.0
+_46V_MAX_FRAMES = 640
+
+
+def sample_frame_indices_46v(total_num_frames: int, fps: float, *, temporal_patch_size: int = 2,
+                             duration: Optional[float] = None) -> List[int]:
+    """Indices of the frames GLM-4.6V looks at (transformers 5.x ``Glm46VVideoProcessor.sample_frames``).
+
+    1. duration as in :func:`sample_frame_indices`; the rate r is 3 / 1 / 0.5 fps for clips up to 30 / 300 / 2400 s
+       (longer clips count as 2400 s); the target count is n = min(int(min(duration, 2400) * r * tps), 640)
+       (tps = temporal patch size, 2).
+    2. Fewer source frames than n: n indices spread evenly over all frames (np.linspace, truncated; repeats).
+       Else walk the frames in time order and keep a frame whenever its time t = i / fps reaches the next mark
+       (marks every 1 / (tps * r) s from 0), stopping once the mark passes int(duration) seconds.
+    3. Too few kept: n indices spread evenly between the first and last kept frame; too many: n spread over all.
+    4. Drop repeats keeping order; an odd count repeats the last index.
+
+    Example: 30 frames at 10 fps (3 s): r = 3, n = 18; marks every 1/6 s keep the first frame at or after each
+    mark, [0, 2, 4, 5, 7, 9, 10, 12, ..., 27, 29], and the 18th mark reaches 3 s: exactly n frames.
+    The marks are accumulated by repeated addition, as transformers does, so float rounding agrees.
+    """
+    if total_num_frames <= 0 or not fps > 0:
+        raise ValueError(f"sample_frame_indices_46v needs frames and a positive fps, got {total_num_frames}, {fps}")
+    last = total_num_frames - 1
+    duration = duration or round(last / fps) + 1
+    effective = min(duration, _46V_MAX_DURATION)
+    rate = next(r for limit, r in _46V_RATES if effective <= limit)  # effective <= 2400, the last limit
+    n = min(int(effective * rate * temporal_patch_size), _46V_MAX_FRAMES)
+
+    def spread(lo: int, hi: int) -> List[int]:
+        return np.linspace(lo, hi, n, dtype=int).tolist()
+
+    if total_num_frames < n:
+        indices = spread(0, last)
+    else:
+        indices, mark, step, stop = [], 0.0, 1.0 / (temporal_patch_size * rate), int(duration)
+        for i in range(total_num_frames):
+            if i / fps >= mark:
+                mark += step
+                indices.append(i)
+                if mark >= stop:
+                    break
+        if len(indices) < n:
+            indices = spread(indices[0], indices[-1]) if indices else spread(0, last)
+        elif len(indices) > n:
+            indices = spread(0, last)
+    unique = list(dict.fromkeys(indices))
+    if len(unique) % 2:
+        unique.append(unique[-1])
+    return unique
+
+
+def pick_frames(total_num_frames: int, fps: float, config: "VideoProcessorConfig",
+                duration: Optional[float] = None) -> List[int]:
+    """The sampling rule of ``config`` (its ``sampling`` family) applied to a clip."""
+    if config.sampling == "glm46v":
+        return sample_frame_indices_46v(total_num_frames, fps, temporal_patch_size=config.temporal_patch_size,
+                                        duration=duration)
+    return sample_frame_indices(total_num_frames, fps, target_fps=config.fps, max_duration=config.max_duration,
+                                duration=duration)
+
+
 def group_timestamps(frame_indices: Sequence[int], fps: float, grid_t: int,
                      temporal_patch_size: int = 2) -> List[float]:
     """Seconds of the first frame of each temporal group, padded with the last value to ``grid_t`` entries.
@@ -132,8 +202,7 @@ def load_video(source, config: Optional[VideoProcessorConfig] = None,
     def select(total: int, fps: float) -> List[int]:
         if not config.do_sample_frames:
             return list(range(total))
-        return sample_frame_indices(total, fps, target_fps=config.fps, max_duration=config.max_duration,
-                                    duration=total / fps)  # transformers' PyAV reader: duration = frames / fps
+        return pick_frames(total, fps, config, duration=total / fps)  # transformers' PyAV reader: frames / fps
 
     decoded = decode_video(source, select, options)
     return Video(frames=decoded.frames, fps=decoded.fps, frame_indices=decoded.frame_indices,
@@ -159,8 +228,7 @@ def preprocess_video(video: Video, config: VideoProcessorConfig) -> Dict[str, ob
     if len(indices) != len(frames):
         raise UnreadableMediaError(video.source, f"{len(frames)} frames but {len(indices)} frame indices")
     if not video.sampled and config.do_sample_frames:
-        picks = sample_frame_indices(len(frames), video.fps, target_fps=config.fps,
-                                     max_duration=config.max_duration, duration=len(frames) / video.fps)
+        picks = pick_frames(len(frames), video.fps, config, duration=len(frames) / video.fps)
         frames, indices = [frames[k] for k in picks], [indices[k] for k in picks]
     images = [_frame_to_rgb(f, f"{video.source} frame {k}") for k, f in zip(indices, frames)]
     height, width = images[0].height, images[0].width
