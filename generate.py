@@ -43,6 +43,10 @@ def parse_args(argv=None):
                     help="page render resolution, dots per inch (default 180)")
     ap.add_argument("--prompt", help="the user message (required unless --chat)")
     ap.add_argument("--system", help="system message")
+    ap.add_argument("--tools", metavar="FILE",
+                    help="JSON file with a list of OpenAI function tools ({\"type\": \"function\", \"function\": "
+                         "{...}}) for the chat template (GLM-4.6V); the answer's tool calls are parsed into "
+                         "tool_calls (printed with --json, else on stderr)")
     add_generation_arguments(ap)
     add_media_arguments(ap)
     ap.add_argument("--hide_thinking", action="store_true", help="do not print the thinking part")
@@ -166,7 +170,25 @@ def chat_turns(prompt, stream):
             yield line.rstrip("\r\n")
 
 
-def run_turn(pipe, args, messages, first_image, first: bool = True):
+def load_tools(path):
+    """The --tools file: a JSON list of tools (or {"tools": [...]}); errors name the file and the problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--tools {path}: not valid JSON ({e})") from None
+    tools = data.get("tools") if isinstance(data, dict) else data
+    if not isinstance(tools, list) or not tools:
+        raise ValueError(f"--tools {path}: expected a non-empty JSON list of tools (or {{\"tools\": [...]}})")
+    for k, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"--tools {path}: tool {k} has no function name; write "
+                             "{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}")
+    return tools
+
+
+def run_turn(pipe, args, messages, first_image, first: bool = True, tools=None):
     from glm4v_ms.apps.pipeline import ChatResult, generation_knobs
 
     result = ChatResult()
@@ -178,6 +200,7 @@ def run_turn(pipe, args, messages, first_image, first: bool = True):
     last = None
     INTERRUPTS.decoding = True  # Ctrl-C now stops at the next piece (see Interrupts)
     for piece in pipe.stream(messages, result, image_size=size, reply_prefix="<think>" if args.demo else "",
+                             tools=tools,
                              **knobs):
         INTERRUPTS.check()
         if args.json or (piece.kind == "thinking" and args.hide_thinking):
@@ -191,8 +214,12 @@ def run_turn(pipe, args, messages, first_image, first: bool = True):
     INTERRUPTS.check()
     if args.json:
         print(json.dumps(dict(result.as_dict(), load_s=round(pipe.load_s, 3)), ensure_ascii=False))
-    elif last is not None:
-        sys.stdout.write(reset + "\n")
+    else:
+        if last is not None:
+            sys.stdout.write(reset + "\n")
+        for call in result.tool_calls:
+            fn = call.as_openai()["function"]
+            print(f"[tool call {fn['name']}({fn['arguments']})]", file=sys.stderr)
     print(stats_line(pipe, result, first), file=sys.stderr)
     if args.draw_boxes and first_image is not None:
         from glm4v_ms.runtime.output import draw_boxes
@@ -256,6 +283,7 @@ def main(argv=None) -> int:
         INTERRUPTS.install()
         if sys.stderr.isatty():  # progress for people; logs and error output stay one line per event
             print(f"[loading {args.model_name}]", file=sys.stderr)
+        tools = load_tools(args.tools) if args.tools else None
         pipe = Glm4vPipeline.from_pretrained(folder, dtype=args.dtype, device=args.device, mode=args.mode,
                                              quantized_weights=args.quantized_weights, media_options=options,
                                              progress=True)
@@ -263,7 +291,7 @@ def main(argv=None) -> int:
         media = dict(images=prepared.images, video=prepared.video, pdf=prepared.pdf, pdf_pages=prepared.pdf_pages,
                      pdf_dpi=prepared.pdf_dpi, system=args.system)
         if not args.chat:
-            run_turn(pipe, args, pipe.messages(args.prompt, **media), first_image)
+            run_turn(pipe, args, pipe.messages(args.prompt, **media), first_image, tools=tools)
             return 0
         history = []
         turns = 0
@@ -274,7 +302,7 @@ def main(argv=None) -> int:
                 messages = pipe.messages(text, system=args.system, history=history)
             if not args.json:
                 print(f"\n>>> {text}", file=sys.stderr)
-            result = run_turn(pipe, args, messages, first_image, first=turns == 0)
+            result = run_turn(pipe, args, messages, first_image, first=turns == 0, tools=tools)
             sys.stdout.flush()  # the answer is out before the next line is read
             turns += 1
             # Earlier turns keep only the answer (the official CLI's rule); media stay in the first user turn.

@@ -25,6 +25,7 @@ import numpy as np
 from ..runtime.generation import GenerationConfig, Piece, StepStats, stream_generate
 from ..processing.media import MediaOptions
 from ..runtime.output import Box, parse_boxes, rescale_boxes, split_thinking
+from ..runtime.tool_calls import ToolCall, parse_tool_calls
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_46V = "tiny-random-4.6v"  # the same with GLM-4.6V-Flash's files (token ids, tools template, configs)
@@ -238,12 +239,21 @@ class ChatResult:
     boxes: List[Box] = field(default_factory=list)          # 0-1000 normalised
     boxes_pixels: List[Box] = field(default_factory=list)   # rescaled to the first image
     stats: StepStats = field(default_factory=StepStats)
+    tool_calls: List[ToolCall] = field(default_factory=list)  # parsed from the answer when tools were given
+
+    def apply_tools(self, tools: Optional[Sequence[Dict]]) -> None:
+        """With ``tools``, move the answer's well-formed GLM tool calls into ``tool_calls`` (the answer keeps the
+        rest of the text; malformed markup stays text). Without tools the answer is left as it is."""
+        if tools:
+            parsed = parse_tool_calls(self.answer, tools)
+            self.answer, self.tool_calls = parsed.content, parsed.tool_calls
 
     def as_dict(self) -> Dict:
         """prefill_ms and decode_tok_s exclude graph compiles: those are in compile_s (compiled: whether this request
         compiled any graph)."""
         s = self.stats
         return {"thinking": self.thinking, "answer": self.answer,
+                "tool_calls": [c.as_openai() for c in self.tool_calls],
                 "boxes": [b.as_list() for b in self.boxes], "boxes_pixels": [b.as_list() for b in self.boxes_pixels],
                 "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
                 "prefill_ms": round(s.prefill_s * 1000, 2), "decode_tok_s": round(s.decode_tok_s, 2),
@@ -399,13 +409,21 @@ class Glm4vPipeline:
         msgs: List[Dict] = [{"role": "system", "content": system}] if system else []
         return msgs + list(history) + [{"role": "user", "content": content}]
 
-    def inputs(self, messages, enable_thinking: bool = True, reply_prefix: str = "") -> Dict:
-        """Model inputs of a conversation. ``reply_prefix`` (e.g. "<think>") is appended after the generation prompt,
+    def inputs(self, messages, enable_thinking: bool = True, reply_prefix: str = "",
+               tools: Optional[Sequence[Dict]] = None) -> Dict:
+        """Model inputs of a conversation; ``tools`` (OpenAI function schemas) go to the chat template. ``reply_prefix`` (e.g. "<think>") is appended after the generation prompt,
         as the start of the reply. ``enable_thinking=False``: templates that know the switch get it; for the others
         (GLM-4.1V's) the reply starts with an empty ``<think></think>``, so the model starts in its answer."""
         proc = self.processor
         knows = "enable_thinking" in (proc.chat_template or "")
         kwargs = {"enable_thinking": False} if not enable_thinking and knows else {}
+        if tools:
+            if "tools" not in (proc.chat_template or ""):
+                from ..processing.processor import PromptError
+
+                raise PromptError("this model's chat template takes no tools (GLM-4.1V has no tool calling; "
+                                  "GLM-4.6V-Flash does): drop --tools / 'tools'")
+            kwargs["tools"] = list(tools)
         inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="np", **kwargs)
         vocab = proc.tokenizer.get_vocab()
@@ -426,12 +444,13 @@ class Glm4vPipeline:
 
     def stream(self, messages, result: ChatResult, image_size=None, *, enable_thinking: bool = True,
                reply_prefix: str = "", max_context: Optional[int] = None, session_factory=None,
-               **overrides) -> Iterator[Piece]:
+               tools: Optional[Sequence[Dict]] = None, **overrides) -> Iterator[Piece]:
         """Yield pieces as they decode; ``result`` is filled in as they come and completed at the end.
         ``reply_prefix``, ``enable_thinking``: see ``inputs``. ``max_context``: a smaller context than the model's
         (a server slot); ``session_factory``: see generation.iter_tokens (the server runs the request as a row of
-        its shared batch)."""
-        inputs = dict(self.inputs(messages, enable_thinking, reply_prefix))
+        its shared batch). ``tools``: to the template, and the answer's tool calls parsed into
+        ``result.tool_calls``."""
+        inputs = dict(self.inputs(messages, enable_thinking, reply_prefix, tools))
         gen = self.generation_config(**overrides)
         ctx = self.model.config.text.max_position_embeddings
         if max_context is not None:
@@ -453,12 +472,13 @@ class Glm4vPipeline:
         result.thinking = "".join(thinking).strip()
         result.text = "".join(answer)
         _, result.answer = split_thinking(result.text)
+        result.apply_tools(tools)
         result.boxes = parse_boxes(result.text)
         if image_size is not None:
             result.boxes_pixels = rescale_boxes(result.boxes, *image_size)
 
-    def chat(self, messages, image_size=None, **overrides) -> ChatResult:
+    def chat(self, messages, image_size=None, tools: Optional[Sequence[Dict]] = None, **overrides) -> ChatResult:
         result = ChatResult()
-        for _ in self.stream(messages, result, image_size=image_size, **overrides):
+        for _ in self.stream(messages, result, image_size=image_size, tools=tools, **overrides):
             pass
         return result

@@ -165,6 +165,8 @@ class Glm4vProcessor:
                 for item in content:
                     items.extend(self._collect_item(item, images, videos, load))
                 message = {**message, "content": items}
+            if message.get("tool_calls"):
+                message = {**message, "tool_calls": [_template_tool_call(tc) for tc in message["tool_calls"]]}
             messages.append(message)
         return messages
 
@@ -369,6 +371,24 @@ def _template_text(template) -> Optional[str]:
     if isinstance(template, dict):
         return template.get("default")
     return template or None
+
+
+def _template_tool_call(call) -> Dict:
+    """An assistant message's tool call as the chat template reads it: OpenAI's form carries ``arguments`` as a
+    JSON string, the GLM template iterates ``arguments.items()``, so a string is decoded to its object."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise PromptError(f"tool call {json.dumps(call)[:80]}: needs a function name "
+                          "({\"type\": \"function\", \"function\": {\"name\": ..., \"arguments\": ...}})")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise PromptError(f"tool call {fn['name']!r}: arguments are not valid JSON ({e})") from None
+    if not isinstance(args, dict):
+        raise PromptError(f"tool call {fn['name']!r}: arguments must be a JSON object, got {type(args).__name__}")
+    return {**call, "function": {**fn, "arguments": args}} if "function" in call else {**fn, "arguments": args}
 
 
 def _b64decode(payload: str) -> bytes:

@@ -81,6 +81,7 @@ def _row_result(tok, e: Encoded, row: List[int], think, markers: set, eos: set, 
                    compile_s=stats.compile_s, compiles=stats.compiles)
     result = ChatResult(thinking=thinking.strip(), text=text, tokens=row, stats=st)
     _, result.answer = split_thinking(text)
+    result.apply_tools(e.request.tools)
     result.boxes = parse_boxes(text)
     if e.image_size is not None:
         result.boxes_pixels = rescale_boxes(result.boxes, *e.image_size)

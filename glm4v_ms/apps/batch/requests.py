@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 GEN_FIELDS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int, "top_p": float,
               "repetition_penalty": float, "seed": int, "max_thinking_tokens": int}
 MEDIA_FIELDS = ("prompt", "image", "video", "pdf", "pdf_pages", "pdf_dpi", "system")
-REQUEST_FIELDS = ("id", "messages") + MEDIA_FIELDS + tuple(GEN_FIELDS)
+REQUEST_FIELDS = ("id", "messages", "tools") + MEDIA_FIELDS + tuple(GEN_FIELDS)
 NON_NEGATIVE = ("max_new_tokens", "top_k", "max_thinking_tokens")
 
 
@@ -117,6 +117,7 @@ class Request:
     messages: List[Dict]
     settings: Dict                 # generation settings given on the line (others: the job's)
     first_image: object = None     # source of the first image (its size rescales boxes), or None
+    tools: Optional[List[Dict]] = None  # OpenAI function schemas: to the chat template, calls parsed from the answer
 
 
 def _check_type(name: str, value, kind) -> None:
@@ -139,6 +140,16 @@ def parse_request(obj: Dict, index: int) -> Request:
     obj = {k: v for k, v in obj.items() if v is not None}  # null = not given
     settings = parse_settings(obj)
     rid = obj.get("id", index)
+    tools = obj.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise RequestError("field 'tools' must be a list of tool objects like {\"type\": \"function\", "
+                           "\"function\": {\"name\": ..., \"parameters\": {...}}}")
+    request = _parse_body(obj, index, rid, settings)
+    request.tools = tools or None
+    return request
+
+
+def _parse_body(obj: Dict, index: int, rid, settings: Dict) -> Request:
     if "messages" in obj:
         extra = [k for k in MEDIA_FIELDS if k in obj]
         if extra:
@@ -171,6 +182,8 @@ def _parse_messages(messages) -> List[Dict]:
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RequestError(f"each message needs 'role' and 'content', got {json.dumps(m)[:60]}")
+        if m["content"] is None and m.get("tool_calls"):
+            continue  # an assistant turn that only called tools (OpenAI writes content: null)
         if not isinstance(m["content"], (str, list)):
             raise RequestError("a message's 'content' must be a string or a list of content items")
         if isinstance(m["content"], list) and not all(isinstance(it, dict) for it in m["content"]):
