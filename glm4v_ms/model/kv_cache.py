@@ -173,3 +173,12 @@ class KVCache:
             raise ValueError("the cache has no rope deltas: run the prompt (prefill) through the model first")
         p = np.arange(start, start + n_new, dtype=np.int64)[None, :] + self.rope_deltas  # [B, n_new]
         return np.broadcast_to(p, (3,) + p.shape).copy()
+
+
+def kv_cache_bytes(cfg: TextConfig, batch: int, positions: int, dtype_bytes: int = 2) -> int:
+    """Bytes of a KV cache holding ``positions`` tokens per row: layers x (k, v) x kv_heads x head_dim x dtype.
+
+    The 9B decoder (40 layers, 2 KV heads of 128): 40 KiB per position in bf16, so 5 GiB for a full 131072-token
+    GLM-4.6V-Flash context (10 GiB in fp32). Caches are allocated per request (prompt + max_new_tokens, rounded
+    up to a power of two in graph mode), never the whole configured context up front."""
+    return batch * positions * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
