@@ -222,13 +222,13 @@ class Piece:
 
 
 def thinking_tokens(tokenizer) -> Optional[ThinkingTokens]:
-    """<think>, </think> and the cut-off "</think><answer>" from the tokenizer; None if it lacks them."""
+    """<think>, </think> and the cut-off from the tokenizer; None if it lacks <think> / </think>. The cut-off is
+    "</think><answer>" for GLM-4.1V; GLM-4.6V has no <answer> markup, so there it is "</think>" alone."""
     vocab = tokenizer.get_vocab()
-    names = ("<think>", "</think>", "<answer>")
-    if not all(n in vocab for n in names):
+    if "<think>" not in vocab or "</think>" not in vocab:
         return None
-    t, e, a = (int(vocab[n]) for n in names)
-    return ThinkingTokens(think=t, end_think=e, cutoff=[e, a])
+    t, e = int(vocab["<think>"]), int(vocab["</think>"])
+    return ThinkingTokens(think=t, end_think=e, cutoff=[e, int(vocab["<answer>"])] if "<answer>" in vocab else [e])
 
 
 class _IncrementalDecoder:
