@@ -105,3 +105,27 @@ def test_glm46v_frame_sampling_rule():
     # 100 s at 25 fps: 1 fps x 2 = 200 frames, one every 0.5 s
     mid = sample_frame_indices_46v(2500, 25.0, duration=100.0)
     assert mid[:4] == [0, 13, 25, 38] and len(mid) == 200
+
+
+def test_tokenizer_saved_by_transformers_5(tmp_path, tokenizer_dir):
+    """tokenizer_config.json as 5.x writes it (tokenizer_class TokenizersBackend, extra_special_tokens as a list),
+    which 4.57's AutoTokenizer refuses: the same tokenizer.json still loads, with the same ids."""
+    from transformers import AutoTokenizer
+
+    folder = _folder(tmp_path, tokenizer_dir, FORMS["size"])
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(tokenizer_class="TokenizersBackend", backend="tokenizers",
+                  extra_special_tokens=["<|endoftext|>", "<|image|>", "<|begin_of_video|>"])
+    config.pop("added_tokens_decoder", None)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="TokenizersBackend"):
+        AutoTokenizer.from_pretrained(folder)
+    ours = Glm4vProcessor.from_pretrained(folder)
+    plain = Glm4vProcessor.from_pretrained(tokenizer_dir)
+    conv = [{"role": "user", "content": "What kind of dog is this? 这是什么狗？"}]
+    np.testing.assert_array_equal(ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=True),
+                                  plain.apply_chat_template(conv, add_generation_prompt=True, tokenize=True))
+    assert ours.tokenizer.padding_side == "left" and ours.image_token_id == plain.image_token_id

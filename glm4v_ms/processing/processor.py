@@ -108,7 +108,7 @@ class Glm4vProcessor:
         image_config, video_config, family = read_processor_configs(folder)
         from transformers import AutoTokenizer  # the only use of transformers: the tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs)
+        tokenizer = _load_tokenizer(folder, AutoTokenizer, tokenizer_kwargs)
         template = _template_text(getattr(tokenizer, "chat_template", None))
         if template is None and os.path.isfile(os.path.join(folder, "chat_template.jinja")):
             with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
@@ -371,6 +371,29 @@ def _template_text(template) -> Optional[str]:
     if isinstance(template, dict):
         return template.get("default")
     return template or None
+
+
+# tokenizer_config.json keys of transformers 5.x that 4.57's PreTrainedTokenizerFast cannot take
+_TOKENIZER_5X_KEYS = ("tokenizer_class", "backend", "extra_special_tokens", "auto_map", "processor_class", "is_local")
+
+
+def _load_tokenizer(folder: str, auto, kwargs: Dict):
+    """AutoTokenizer; for a folder saved by transformers 5.x (``tokenizer_class: TokenizersBackend``, a list of
+    ``extra_special_tokens``; GLM-4.6V-era files), which 4.57 refuses, the same tokenizer.json is loaded as a
+    PreTrainedTokenizerFast with the config's plain settings (special tokens stay in tokenizer.json's added
+    tokens, so their ids are unchanged)."""
+    try:
+        return auto.from_pretrained(folder, **kwargs)
+    except ValueError as e:
+        config = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
+        tokenizer_file = os.path.join(folder, "tokenizer.json")
+        if "does not exist or is not currently imported" not in str(e) or not os.path.isfile(tokenizer_file):
+            raise
+    from transformers import PreTrainedTokenizerFast
+
+    settings = {k: v for k, v in config.items() if k not in _TOKENIZER_5X_KEYS and k != "added_tokens_decoder"}
+    settings.update(kwargs)
+    return PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, name_or_path=folder, **settings)
 
 
 def _template_tool_call(call) -> Dict:
