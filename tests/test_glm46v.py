@@ -178,3 +178,38 @@ def test_kv_cache_estimate_of_the_9b_at_128k():
     # 40 layers x (k, v) x 2 KV heads x 128 dims x 2 bytes = 40 KiB per position; 131072 positions = 5 GiB
     assert kv_cache_bytes(cfg.text, 1, 1, 2) == 40 * 1024
     assert kv_cache_bytes(cfg.text, 1, 131072, 2) == 5 * 1024 ** 3
+
+
+def _hub_46v(**top):
+    text = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 2, "num_hidden_layers": 40,
+            "max_position_embeddings": 131072, "model_type": "glm4v_text",
+            "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 500000.0,
+                                "partial_rotary_factor": 0.5}}
+    return dict({"model_type": "glm46v", "architectures": ["Glm46VForConditionalGeneration"], "text_config": text,
+                 "vision_config": {"model_type": "glm4v_vision"}}, **top)
+
+
+def test_glm46v_config_ids_defaults_and_file_values():
+    c = Glm4vConfig.from_dict(_hub_46v())
+    # Glm46VConfig's class defaults when the file omits the ids
+    assert (c.video_start_token_id, c.video_end_token_id, c.image_token_id) == (151361, 151362, 151343)
+    assert (c.text.rope_theta, c.text.rotary_dim, c.text.max_position_embeddings) == (500000.0, 64, 131072)
+    # a value in the file wins, under either model_type
+    c = Glm4vConfig.from_dict(_hub_46v(video_start_token_id=151341, video_end_token_id=151342))
+    assert (c.video_start_token_id, c.video_end_token_id) == (151341, 151342)
+    c = Glm4vConfig.from_dict(_hub_46v(model_type="glm4v", architectures=["Glm4vForConditionalGeneration"],
+                                       video_start_token_id=151361, video_end_token_id=151362))
+    assert (c.model_type, c.video_start_token_id) == ("glm4v", 151361)
+    # glm4v without the ids keeps Glm4vConfig's defaults (4.1V's)
+    assert Glm4vConfig.from_dict(_hub_46v(model_type="glm4v")).video_start_token_id == 151341
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"model_type": "glm4v_moe"}, "model_type"),
+    ({"architectures": ["Glm4vMoeForConditionalGeneration"]}, "architectures"),
+    ({"text_config": {"model_type": "glm4v_moe_text", "hidden_size": 64, "num_attention_heads": 2}},
+     "text_config.model_type"),
+])
+def test_moe_checkpoints_are_refused_by_name(change, field):
+    with pytest.raises(ValueError, match=f"config field '{field}'"):
+        Glm4vConfig.from_dict(_hub_46v(**change))
