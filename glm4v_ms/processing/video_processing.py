@@ -128,6 +128,7 @@ def sample_frame_indices_46v(total_num_frames: int, fps: float, *, temporal_patc
        (marks every 1 / (tps * r) s from 0), stopping once the mark passes int(duration) seconds.
     3. Too few kept: n indices spread evenly between the first and last kept frame; too many: n spread over all.
     4. Drop repeats keeping order; an odd count repeats the last index.
+    (This is the rule of the class as merged; an earlier draft also resampled when the walk kept fewer than 3.)
 
     Example: 30 frames at 10 fps (3 s): r = 3, n = 18; marks every 1/6 s keep the first frame at or after each
     mark, [0, 2, 4, 5, 7, 9, 10, 12, ..., 27, 29], and the 18th mark reaches 3 s: exactly n frames.
