@@ -213,3 +213,25 @@ def test_glm46v_config_ids_defaults_and_file_values():
 def test_moe_checkpoints_are_refused_by_name(change, field):
     with pytest.raises(ValueError, match=f"config field '{field}'"):
         Glm4vConfig.from_dict(_hub_46v(**change))
+
+
+def test_parity_tool_on_a_5x_saved_46v_folder(folder46_5x, tmp_path, capsys):
+    """tools/parity.py reads a glm46v / rope_parameters folder for the 4.57 reference through our parser, so the
+    reference gets the M-RoPE sections and the file's video ids (4.57 alone would ignore both)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("parity_tool_46v", os.path.join(root, "tools", "parity.py"))
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    legacy = parity.reference_config_457(folder46_5x)
+    cfg = Glm4vConfig.from_pretrained(folder46_5x)
+    assert legacy["video_start_token_id"] == cfg.video_start_token_id
+    assert legacy["text_config"]["rope_scaling"]["mrope_section"] == cfg.text.mrope_section
+    image = str(tmp_path / "p.png")
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(image)
+    rc = parity.main([folder46_5x, "--image", image, "--prompt", "What is this?", "--json", "--tokens", "6"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert rc == 0 and report["verdict"] == "PASS", (report.get("failed"), err[-1500:])
+    assert report["tokens"]["ours"] == report["tokens"]["reference"]

@@ -235,6 +235,34 @@ def check_same_model(ours, ref) -> None:
                          "reference): give the Hugging Face folder MODEL_DIR was made from")
 
 
+def reference_config_457(ref_dir: str) -> Optional[Dict]:
+    """The reference's config.json in the form transformers 4.57's Glm4vConfig reads, or None when the file already
+    is in it. A transformers 5.x file (``model_type`` ``glm46v``, ``rope_parameters``) is read by our parser and
+    written back in 4.57's nested form with every token id explicit: 4.57 would silently ignore
+    ``rope_parameters`` (no M-RoPE sections) and give a ``glm46v`` folder 4.1V's default video ids."""
+    from glm4v_ms.model.config import Glm4vConfig
+
+    with open(os.path.join(ref_dir, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    text_raw = raw.get("text_config") or raw
+    if raw.get("model_type", "glm4v") == "glm4v" and "rope_parameters" not in text_raw:
+        return None
+    c = Glm4vConfig.from_dict(raw)
+    t, v = c.text, c.vision
+    text = {k: getattr(t, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads", "hidden_act",
+                                       "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                                       "partial_rotary_factor", "pad_token_id", "eos_token_id")}
+    text.update(rope_scaling={"type": t.rope_type, "mrope_section": list(t.mrope_section)},
+                attention_bias=text_raw.get("attention_bias", True), tie_word_embeddings=t.tie_word_embeddings)
+    vision = {k: getattr(v, k) for k in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size",
+                                         "hidden_act", "attention_bias", "in_channels", "patch_size",
+                                         "temporal_patch_size", "spatial_merge_size", "image_size", "rms_norm_eps")}
+    ids = {k: getattr(c, k) for k in ("image_token_id", "video_token_id", "image_start_token_id",
+                                      "image_end_token_id", "video_start_token_id", "video_end_token_id")}
+    return dict(text_config=text, vision_config=vision, tie_word_embeddings=t.tie_word_embeddings, **ids)
+
+
 def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], tokens: int, eos: List[int],
                   pad: int) -> Dict:
     """The transformers model in fp32 on CPU: the compared stages as numpy, then greedy tokens and their raw logits.
@@ -242,12 +270,16 @@ def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int]
     import torch
     import transformers
 
+    extra = {}
+    legacy = reference_config_457(ref_dir)
+    if legacy is not None:
+        extra["config"] = transformers.Glm4vConfig(**legacy)
     # output_loading_info: transformers only logs (and parity.py silences) a tensor it did not load and leaves it at
     # its random initial value; the report would then blame our side. ignore_mismatched_sizes turns a shape
     # mismatch from a long RuntimeError into mismatched_keys, so all three are named the same way.
     model, info = transformers.Glm4vForConditionalGeneration.from_pretrained(
         ref_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
-        ignore_mismatched_sizes=True)
+        ignore_mismatched_sizes=True, **extra)
     check_reference_loaded(ref_dir, info, model)
     model.eval()
     vis, lm = model.model.visual, model.model.language_model
