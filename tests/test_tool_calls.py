@@ -77,6 +77,7 @@ def test_streamed_equals_whole(chunk):
     calls = [v for k, v in events if k == "tool_call"]
     assert [(c.name, c.arguments, c.id) for c in calls] == [(c.name, c.arguments, c.id) for c in whole.tool_calls]
     assert [c.arguments["city"] for c in calls] == ["Paris", "Rome"]
+    assert calls[1].as_delta(1) == dict(calls[1].as_openai(), index=1)
 
 
 @pytest.mark.parametrize("text", [

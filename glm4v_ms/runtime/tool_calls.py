@@ -53,6 +53,11 @@ class ToolCall:
         return {"id": self.id, "type": "function",
                 "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
 
+    def as_delta(self, index: int) -> Dict:
+        """One streamed ``choices[0].delta.tool_calls`` entry carrying the whole call (``index``: its position
+        among the reply's calls), as a server sends it once the call has closed."""
+        return dict(self.as_openai(), index=index)
+
 
 @dataclass
 class ParsedReply:
