@@ -147,7 +147,7 @@ def _force_output(monkeypatch, tokenizer, text, eos):
 
     forced = tokenizer.encode(text, add_special_tokens=False) + [eos]
 
-    def fake_iter_tokens(model, inputs, gen, thinking=None, stats=None, mode="graph", session_out=None):
+    def fake_iter_tokens(model, inputs, gen, thinking=None, stats=None, mode="graph", **session_options):
         batch = np.asarray(inputs["input_ids"]).shape[0]
         for t in forced:
             yield np.full((batch,), t, dtype=np.int64)
@@ -204,3 +204,12 @@ def test_batch_results_carry_tool_calls(folder46, monkeypatch):
     assert records[1]["tool_calls"] == [] and "<tool_call>get_weather" in records[1]["answer"]
     with pytest.raises(RequestError, match="'tools' must be a list"):
         parse_request({"prompt": "x", "tools": {"name": "f"}}, 2)
+
+
+def test_a_template_without_tools_refuses_them(tmp_path):
+    from glm4v_ms.processing.tiny_tokenizer import build_tiny_tokenizer
+
+    build_tiny_tokenizer(str(tmp_path))  # GLM-4.1V's template: no tool calling
+    proc = Glm4vProcessor.from_pretrained(str(tmp_path))
+    with pytest.raises(PromptError, match="takes no tools"):
+        proc.apply_chat_template([{"role": "user", "content": "hi"}], tools=[WEATHER])

@@ -418,12 +418,7 @@ class Glm4vPipeline:
         knows = "enable_thinking" in (proc.chat_template or "")
         kwargs = {"enable_thinking": False} if not enable_thinking and knows else {}
         if tools:
-            if "tools" not in (proc.chat_template or ""):
-                from ..processing.processor import PromptError
-
-                raise PromptError("this model's chat template takes no tools (GLM-4.1V has no tool calling; "
-                                  "GLM-4.6V-Flash does): drop --tools / 'tools'")
-            kwargs["tools"] = list(tools)
+            kwargs["tools"] = list(tools)  # a template without tool support is refused by the processor
         inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="np", **kwargs)
         vocab = proc.tokenizer.get_vocab()

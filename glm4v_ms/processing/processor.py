@@ -141,6 +141,9 @@ class Glm4vProcessor:
         if template is None:
             raise PromptError("no chat template: the tokenizer has none and the folder has no chat_template.jinja; "
                               "pass chat_template=...")
+        if template_kwargs.get("tools") and "tools" not in template:
+            raise PromptError("this model's chat template takes no tools (GLM-4.1V has no tool calling; "
+                              "GLM-4.6V-Flash does): drop --tools / 'tools'")
         prompts, images, videos = [], [], []
         for conv in conversations:
             messages = self._collect_media(conv, images, videos, load=tokenize)
