@@ -409,7 +409,7 @@ class Glm4vPipeline:
         msgs: List[Dict] = [{"role": "system", "content": system}] if system else []
         return msgs + list(history) + [{"role": "user", "content": content}]
 
-    def inputs(self, messages, enable_thinking: bool = True, reply_prefix: str = "",
+    def inputs(self, messages, enable_thinking: bool = True, reply_prefix: str = "", *,
                tools: Optional[Sequence[Dict]] = None) -> Dict:
         """Model inputs of a conversation; ``tools`` (OpenAI function schemas) go to the chat template. ``reply_prefix`` (e.g. "<think>") is appended after the generation prompt,
         as the start of the reply. ``enable_thinking=False``: templates that know the switch get it; for the others
@@ -445,7 +445,7 @@ class Glm4vPipeline:
         (a server slot); ``session_factory``: see generation.iter_tokens (the server runs the request as a row of
         its shared batch). ``tools``: to the template, and the answer's tool calls parsed into
         ``result.tool_calls``."""
-        inputs = dict(self.inputs(messages, enable_thinking, reply_prefix, tools))
+        inputs = dict(self.inputs(messages, enable_thinking, reply_prefix, tools=tools))
         gen = self.generation_config(**overrides)
         ctx = self.model.config.text.max_position_embeddings
         if max_context is not None:

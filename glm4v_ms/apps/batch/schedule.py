@@ -49,7 +49,7 @@ def encode_request(pipe, request: Request, job_settings: Dict) -> Encoded:
     settings.update(request.settings)
     gen = pipe.generation_config(**settings)
     gen.validate(pipe.model.config.text.vocab_size)
-    inputs = pipe.inputs(request.messages, request.tools)
+    inputs = pipe.inputs(request.messages, tools=request.tools)
     n_prompt = int(np.asarray(inputs["input_ids"]).shape[-1])
     ctx = pipe.model.config.text.max_position_embeddings
     if n_prompt >= ctx:
