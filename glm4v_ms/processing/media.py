@@ -586,6 +586,27 @@ def _render_pages(document, pages, dpi: float, options: MediaOptions, name: str)
         document.close()
 
 
+def check_pdf_pages(source, pages=None, dpi: Optional[float] = None, options: Optional[MediaOptions] = None,
+                    name: Optional[str] = None) -> int:
+    """Check, without rendering, what ``load_pdf`` would refuse: the page ranges against the page count and each
+    selected page's pixels at ``dpi``. Returns how many pages are selected (for the per-prompt image cap)."""
+    options = options or MediaOptions()
+    name = name or describe(source)
+    dpi = options.pdf_dpi if dpi is None else check_dpi(dpi)
+    data = source_data(source, options)
+    with PDFIUM_LOCK:
+        document = _open_pdf(data, name)
+        try:
+            indices = parse_pages(pages, len(document), name)
+            scale = dpi / 72.0  # PDF user space is 72 units per inch
+            for index in sorted(set(indices)):
+                width_pt, height_pt = document[index].get_size()
+                _check_pixels(round(width_pt * scale), round(height_pt * scale), f"{name} page {index + 1}", options)
+            return len(indices)
+        finally:
+            document.close()
+
+
 def probe_video(source, options: Optional[MediaOptions] = None, name: Optional[str] = None) -> None:
     """Open a video (path or bytes) and check it has a video stream with a frame rate, decoding nothing: the
     same errors as ``decode_video`` for files that are not videos."""
