@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     try:
-        from glm4v_ms.apps.pipeline import add_generation_arguments, add_media_arguments, number_type
+        from glm4v_ms.apps.cli_args import add_generation_arguments, add_media_arguments, number_type
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         sys.exit(2)
@@ -190,7 +190,8 @@ def load_tools(path):
 
 
 def run_turn(pipe, args, messages, first_image, first: bool = True, tools=None):
-    from glm4v_ms.apps.pipeline import ChatResult, generation_knobs
+    from glm4v_ms.apps.cli_args import generation_knobs
+    from glm4v_ms.apps.pipeline import ChatResult
 
     result = ChatResult()
     size = first_image.size if first_image is not None else None
@@ -237,7 +238,7 @@ def preflight(args, options):
     for --max_new_tokens fits. Returns (model folder, prepared media)."""
     from glm4v_ms.model.kv_cache import check_cache_size
     from glm4v_ms.model.config import Glm4vConfig
-    from glm4v_ms.apps.pipeline import check_model_folder, prepare_media, resolve_model
+    from glm4v_ms.apps.preflight import check_model_folder, prepare_media, resolve_model
 
     if args.draw_boxes:
         if not args.image:
@@ -260,7 +261,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("USE_TORCH", "0")  # transformers serves only the tokenizer: skip importing torch (~5 s)
     try:
         from glm4v_ms.processing.media import MediaError, MissingDependencyError
-        from glm4v_ms.apps.pipeline import Glm4vPipeline, media_options
+        from glm4v_ms.apps.cli_args import media_options
+        from glm4v_ms.apps.pipeline import Glm4vPipeline
         from glm4v_ms.processing.processor import PromptError
         from glm4v_ms.model.weights import CheckpointError
 
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
     try:
         options = media_options(args)
         if args.demo:
-            from glm4v_ms.apps.pipeline import TINY_RANDOM
+            from glm4v_ms.apps.preflight import TINY_RANDOM
 
             if args.model_name != TINY_RANDOM:
                 raise ValueError(f"--demo is only for the built-in {TINY_RANDOM} model (it ignores EOS)")

@@ -88,7 +88,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv=None):
     try:
-        from glm4v_ms.apps.pipeline import add_generation_arguments
+        from glm4v_ms.apps.cli_args import add_generation_arguments
     except ImportError as e:
         print(f"error: {e} (run scripts/setup_env.sh to install the dependencies)", file=sys.stderr)
         sys.exit(2)
@@ -195,7 +195,8 @@ def job_options(args):
     """The job's options. The model folder is resolved (not loaded) by the job after checking the input and the
     output: its identity is part of each digest."""
     from glm4v_ms.apps.batch import JobOptions, model_identity
-    from glm4v_ms.apps.pipeline import generation_knobs, resolve_model
+    from glm4v_ms.apps.cli_args import generation_knobs
+    from glm4v_ms.apps.preflight import resolve_model
 
     runtime = dict(dtype=args.dtype, device=args.device, quantized_weights=args.quantized_weights)
     return JobOptions(input=args.input, output=args.output,
@@ -230,7 +231,7 @@ def run_job(args):
     if args.tp > 1:  # a config tp cannot split is a clear error before any process group is joined
         from glm4v_ms.model.config import Glm4vConfig
         from glm4v_ms.model.parallel import check_divisible
-        from glm4v_ms.apps.pipeline import resolve_model
+        from glm4v_ms.apps.preflight import resolve_model
 
         check_divisible(Glm4vConfig.from_pretrained(resolve_model(args.model_name)).text, args.tp)
     options = job_options(args)

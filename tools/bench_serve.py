@@ -40,7 +40,7 @@ def serve_folder(config: str) -> str:
     """tools/bench.py's random checkpoint of ``config`` plus the tiny model's tokenizer files (written once)."""
     from bench import bench_folder
 
-    from glm4v_ms.apps.pipeline import resolve_model
+    from glm4v_ms.apps.preflight import resolve_model
 
     weights = bench_folder(config)
     folder = weights.rstrip("/") + "-serve"

@@ -376,7 +376,7 @@ def convert_checkpoint(src: str, dst: str, force: bool = False, verify: bool = F
     raw, config = _read_config(src)
     cleaned = clean_stale(dst, log)
     _check_existing_dst(dst, force)
-    from .pipeline import model_folder_problems
+    from .preflight import model_folder_problems
 
     # The weights convert without them, but generate.py needs the tokenizer, template and processor files: say so.
     notes = [f"warning: {p.replace(src, 'SRC ' + src, 1)}; DST loads as a model, but generate.py will refuse it"
