@@ -146,15 +146,20 @@ def build_app(engine: ServeEngine, served_names: List[str], api_key: Optional[st
 
         if not req.stream:
             parts = {"thinking": [], "answer": []}
+            calls = []
             try:
                 while True:
                     item = await next_item()
                     if item[0] == "delta":
                         parts[item[1]].append(item[2])
+                    elif item[0] == "tool_call":
+                        calls.append(item[2])
                     elif item[0] == "done":
                         finish("success", item[2])
                         thinking = "".join(parts["thinking"]) if parts["thinking"] else None
-                        return completion(req, "".join(parts["answer"]), thinking, item[1], item[2])
+                        answer = "".join(parts["answer"])
+                        return completion(req, answer.strip() if calls else answer, thinking, item[1], item[2],
+                                          tool_calls=calls)
                     elif item[0] == "error":
                         finish("error")
                         return _error_response(item[1])
@@ -176,6 +181,8 @@ def build_app(engine: ServeEngine, served_names: List[str], api_key: Optional[st
                     item = await queue.get()
                     if item[0] == "delta":
                         yield data(chunk(req, delta_fields(item[1], item[2])))
+                    elif item[0] == "tool_call":  # one delta per call, once it has closed
+                        yield data(chunk(req, {"tool_calls": [item[1]]}))
                     elif item[0] == "done":
                         finish("success", item[2])
                         yield data(chunk(req, {}, item[1]))

@@ -24,6 +24,7 @@ from ...processing.media import MediaError, MissingDependencyError
 from ...processing.processor import PromptError
 from ...runtime.generation import _IncrementalDecoder
 from ...runtime.slots import SlotBatch
+from ...runtime.tool_calls import ToolCallStream
 from ..pipeline import ChatResult, PromptTooLongError
 from .protocol import APIError, ChatRequest
 
@@ -330,19 +331,37 @@ class ServeEngine:
         def factory(gen, batch, prompt_len):
             return _RowSession(self, row, gen), None
 
+        # With tools, the answer's GLM tool-call markup becomes one "tool_call" event per call once it closes;
+        # the rest of the answer (and malformed markup) stays text (runtime.tool_calls.ToolCallStream).
+        calls = ToolCallStream(req.tools) if req.tools and req.skip_special_tokens else None
+        n_calls = 0
+
+        def emit(kind, text):
+            nonlocal n_calls
+            if calls is None or kind != "answer":
+                job.emit(("delta", kind, text))
+                return
+            for what, value in calls.feed(text):
+                if what == "text":
+                    job.emit(("delta", "answer", value))
+                else:
+                    job.emit(("tool_call", value.as_delta(n_calls), value.as_openai()))
+                    n_calls += 1
+
         def out(kind, text):
             if not text:
                 return False
             if stops is None:
-                job.emit(("delta", kind, text))
+                emit(kind, text)
                 return False
             pieces, hit = stops.push(kind, text)
             for k, t in pieces:
-                job.emit(("delta", k, t))
+                emit(k, t)
             return hit
 
         pieces = self.pipe.stream(req.messages, result, enable_thinking=req.enable_thinking,
-                                  max_context=self.max_context, session_factory=factory, **req.overrides)
+                                  max_context=self.max_context, session_factory=factory, tools=req.tools,
+                                  **req.overrides)
         try:
             for piece in pieces:
                 if raw is None:
@@ -361,10 +380,13 @@ class ServeEngine:
                 stopped = out("answer", text)
             if stops is not None and not stopped:
                 for k, t in stops.flush():
-                    job.emit(("delta", k, t))
+                    emit(k, t)
+            if calls is not None:
+                for _, text in calls.finish():  # a call still open at the end is text
+                    job.emit(("delta", "answer", text))
             s = result.stats
             last = result.tokens[-1] if result.tokens else None
-            finish = "stop" if stopped or last in self.eos else "length"
+            finish = "tool_calls" if n_calls else "stop" if stopped or last in self.eos else "length"
             usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens,
                      "total_tokens": s.prompt_tokens + s.new_tokens}
             job.emit(("done", finish, usage))

@@ -38,6 +38,7 @@ class ChatRequest:
     stop: List[str] = field(default_factory=list)
     skip_special_tokens: bool = True
     enable_thinking: bool = True
+    tools: Optional[List[Dict]] = None     # OpenAI function schemas: to the chat template; calls parsed back
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -161,15 +162,26 @@ def convert_messages(messages: Any, allowed_local: Optional[str]) -> List[Dict]:
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}",
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(f"{where}.role must be 'system', 'user', 'assistant' or 'tool', got {role!r}",
                            param=f"{where}.role")
         content = m.get("content")
         if role == "system":
             out.append({"role": "system", "content": _text_of(content, where)})
             continue
         if role == "assistant":
-            out.append({"role": "assistant", "content": split_thinking(_text_of(content, where))[1]})
+            turn = {"role": "assistant", "content": split_thinking(_text_of(content, where))[1]}
+            calls = m.get("tool_calls")
+            if calls is not None:
+                if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                          for c in calls):
+                    raise APIError(f"{where}.tool_calls must be a list of {{\"type\": \"function\", \"function\": "
+                                   "{\"name\", \"arguments\"}} objects", param=f"{where}.tool_calls")
+                turn["tool_calls"] = calls
+            out.append(turn)
+            continue
+        if role == "tool":  # a tool's result goes back into the template (GLM's observation turn)
+            out.append({"role": "tool", "content": _text_of(content, where)})
             continue
         if isinstance(content, str):
             out.append({"role": "user", "content": [{"type": "text", "text": content}]})
@@ -197,8 +209,9 @@ def convert_messages(messages: Any, allowed_local: Optional[str]) -> List[Dict]:
                 raise APIError(f"{pw}: content part type {kind!r} is not supported; use text, image_url, video_url "
                                "or file (a PDF or office document)", param=f"{pw}.type", code="unsupported_content")
         out.append({"role": "user", "content": items})
-    if out[-1]["role"] != "user":
-        raise APIError("the last message must be from the user", param=f"messages[{len(messages) - 1}].role")
+    if out[-1]["role"] not in ("user", "tool"):
+        raise APIError("the last message must be from the user (or a tool's result)",
+                       param=f"messages[{len(messages) - 1}].role")
     return out
 
 
@@ -277,7 +290,29 @@ def parse_chat_request(body: Any, served_names: List[str], allowed_local: Option
                        param="chat_template_kwargs.enable_thinking")
     return ChatRequest(model=model, messages=messages, overrides=ov, stream=bool(stream),
                        include_usage=bool(so.get("include_usage", False)), stop=stops, skip_special_tokens=skip,
-                       enable_thinking=thinking)
+                       enable_thinking=thinking, tools=_tools(body))
+
+
+def _tools(body: Dict) -> Optional[List[Dict]]:
+    """``tools`` (OpenAI function schemas) for the chat template, or None. ``tool_choice`` "auto" (the default) and
+    "none" (the tools are not shown to the model) are supported; forcing a call ("required", a named function)
+    is not, since the model's output is not constrained."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice", "auto")
+    if choice not in ("auto", "none"):
+        raise APIError(f"'tool_choice' {choice!r} is not supported: use \"auto\" or \"none\" (the model decides "
+                       "whether to call a tool)", param="tool_choice", code="unsupported_value")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise APIError("'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects",
+                       param="tools")
+    for k, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(f"tools[{k}] needs {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                           "\"parameters\": {...}}}}", param=f"tools[{k}]")
+    return tools if tools and choice == "auto" else None
 
 
 # ------------------------------------------------------------------------------------------------------ responses
@@ -299,8 +334,11 @@ def usage_chunk(req: ChatRequest, usage: Dict) -> Dict:
             "choices": [], "usage": usage}
 
 
-def completion(req: ChatRequest, content: str, reasoning: Optional[str], finish_reason: str, usage: Dict) -> Dict:
+def completion(req: ChatRequest, content: str, reasoning: Optional[str], finish_reason: str, usage: Dict,
+               tool_calls: Optional[List[Dict]] = None) -> Dict:
     message = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     if reasoning is not None:
         message["reasoning_content"] = reasoning
         message["reasoning"] = reasoning
