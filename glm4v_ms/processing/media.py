@@ -610,8 +610,13 @@ def check_pdf_pages(source, pages=None, dpi: Optional[float] = None, options: Op
 def probe_video(source, options: Optional[MediaOptions] = None, name: Optional[str] = None) -> None:
     """Open a video (path or bytes) and check it has a video stream with a frame rate, decoding nothing: the
     same errors as ``decode_video`` for files that are not videos."""
-    options = options or MediaOptions()
-    name = name or describe(source)
+    with _open_video(source, options or MediaOptions(), name or describe(source)):
+        pass
+
+
+@contextlib.contextmanager
+def _open_video(source, options: MediaOptions, name: str):
+    """(container, its first video stream, frame rate), open for the ``with`` block; errors name the file."""
     try:
         import av
     except ImportError:
@@ -627,8 +632,10 @@ def probe_video(source, options: Optional[MediaOptions] = None, name: Optional[s
         if not container.streams.video:
             raise UnreadableMediaError(name, "has no video stream")
         stream = container.streams.video[0]
-        if not (stream.average_rate or stream.guessed_rate or stream.base_rate):
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate:
             raise CorruptMediaError(name, "video stream has no frame rate", "re-encode the file (e.g. with ffmpeg)")
+        yield container, stream, rate
 
 
 # ------------------------------------------------------------------------------------------------------------ video
@@ -652,25 +659,9 @@ def decode_video(source, select: Callable[[int, float], Sequence[int]],
     """
     options = options or MediaOptions()
     name = describe(source)
-    try:
-        import av
-    except ImportError:
-        raise MissingDependencyError(f"{name}: decoding video needs PyAV; install it with "
-                                     f"`pip install {AV_PIN}`") from None
-    data = source_data(source, options)
-    target = data if isinstance(data, str) else io.BytesIO(data)
-    try:
-        container = av.open(target)
-    except (av.error.FFmpegError, OSError) as e:
-        raise UnreadableMediaError(name, f"cannot open as a video ({e})",
-                                   "check that the file is a video format FFmpeg can read") from None
-    with container:
-        if not container.streams.video:
-            raise UnreadableMediaError(name, "has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if not rate:
-            raise CorruptMediaError(name, "video stream has no frame rate", "re-encode the file (e.g. with ffmpeg)")
+    with _open_video(source, options, name) as (container, stream, rate):
+        import av  # imported by _open_video already (it raises the clear error when PyAV is missing)
+
         fps = float(rate)
         total = int(stream.frames or 0)
         try:
