@@ -258,7 +258,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no tokenizer length warnings: we check the context
-    os.environ.setdefault("USE_TORCH", "0")  # transformers serves only the tokenizer: skip importing torch (~5 s)
     try:
         from glm4v_ms.processing.media import MediaError, MissingDependencyError
         from glm4v_ms.apps.cli_args import media_options
@@ -326,4 +325,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # transformers serves only the tokenizer: skip its import of torch (~5 s). Set for the CLI process only, so a
+    # program that calls main() in-process (the tests) does not hide torch from the rest of its run.
+    os.environ.setdefault("USE_TORCH", "0")
     sys.exit(main())

@@ -250,7 +250,9 @@ class BenchError(Exception):
 
 def _spawn(kind: str, **params) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(params)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    # the transformers worker needs torch whatever the caller's environment says (USE_TORCH=0 hides it)
+    env = dict(os.environ, USE_TORCH="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()] or ["no output"]
