@@ -153,3 +153,51 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GLM-4.5V / GLM-4.6V (glm4v_moe) tiny models
+# ---------------------------------------------------------------------------------------------------------------
+
+def tiny_moe_config_dict(norm_topk_prob: bool = True, n_group: int = 4, topk_group: int = 2, text_layers: int = 3,
+                         n_routed: int = 16, top_k: int = 4, n_shared: int = 2, scaling: float = 2.5,
+                         first_dense: int = 1, heads: int = 4, kv_heads: int = 2, head_dim: int = 32,
+                         partial: float = 0.5, mrope=(2, 3, 3), merge: int = 2, attention_bias: bool = True) -> Dict:
+    """A glm4v_moe config.json dict reaching every path of the MoE decoder: an explicit head_dim (32, not
+    hidden / heads = 16), partial rotary 0.5 with an mrope_section, first_k_dense_replace dense layers, n_group > 1
+    with topk_group < n_group, 2 shared experts, routed_scaling_factor != 1."""
+    cfg = tiny_config_dict(merge=merge, partial=partial, mrope=mrope, text_layers=text_layers, heads=heads,
+                           kv_heads=kv_heads)
+    text = cfg["text_config"]
+    text.update({"model_type": "glm4v_moe_text", "head_dim": head_dim, "moe_intermediate_size": 24,
+                 "n_routed_experts": n_routed, "num_experts_per_tok": top_k, "n_shared_experts": n_shared,
+                 "n_group": n_group, "topk_group": topk_group, "first_k_dense_replace": first_dense,
+                 "norm_topk_prob": norm_topk_prob, "routed_scaling_factor": scaling,
+                 "attention_bias": attention_bias})
+    cfg["vision_config"]["model_type"] = "glm4v_moe"
+    cfg.update({"model_type": "glm4v_moe", "architectures": ["Glm4vMoeForConditionalGeneration"]})
+    return cfg
+
+
+def build_moe_reference(folder: str, seed: int = 0, **cfg_kwargs):
+    """Create, scale-initialise (router bias e_score_correction_bias included, non-zero) and save a tiny
+    transformers Glm4vMoeForConditionalGeneration (eager, fp32) into ``folder``; return the torch model."""
+    import torch
+    from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    d = tiny_moe_config_dict(**cfg_kwargs)
+    config = Glm4vMoeConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Glm4vMoeForConditionalGeneration(config).eval()
+    model.config._attn_implementation = "eager"
+    for sub in (model.model.visual.config, model.model.language_model.config):
+        sub._attn_implementation = "eager"
+    scale_init_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.1 * torch.randn(buf.shape, generator=g))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model

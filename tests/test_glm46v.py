@@ -205,12 +205,16 @@ def test_glm46v_config_ids_defaults_and_file_values():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"model_type": "glm4v_moe"}, "model_type"),
-    ({"architectures": ["Glm4vMoeForConditionalGeneration"]}, "architectures"),
+    ({"model_type": "qwen2_vl"}, "model_type"),
+    ({"architectures": ["Qwen2VLForConditionalGeneration"]}, "architectures"),
+    # a dense folder whose text config is a MoE one, and the other way round: refused, never half-read
     ({"text_config": {"model_type": "glm4v_moe_text", "hidden_size": 64, "num_attention_heads": 2}},
      "text_config.model_type"),
+    ({"model_type": "glm4v_moe", "architectures": ["Glm4vMoeForConditionalGeneration"],
+      "text_config": {"model_type": "glm4v_text", "hidden_size": 64, "num_attention_heads": 2}},
+     "text_config.model_type"),
 ])
-def test_moe_checkpoints_are_refused_by_name(change, field):
+def test_foreign_and_mixed_configs_are_refused_by_name(change, field):
     with pytest.raises(ValueError, match=f"config field '{field}'"):
         Glm4vConfig.from_dict(_hub_46v(**change))
 

@@ -191,6 +191,113 @@ class TextConfig:
                    f"got {self.eos_token_id}")
 
 
+_MOE_INT_FIELDS = ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group",
+                   "topk_group")
+
+
+@dataclass
+class MoeTextConfig(TextConfig):
+    """The decoder of GLM-4.5V / GLM-4.6V (``glm4v_moe``): pre-norm layers, NeoX rotate_half on the partial rotary dims,
+    q/k/v bias per ``attention_bias``, an explicit ``head_dim``; layers from ``first_k_dense_replace`` on are mixtures
+    of experts. Defaults are transformers 4.57's Glm4vMoeTextConfig defaults (GLM-4.5V), used when the file omits a
+    field."""
+    vocab_size: int = 151424
+    intermediate_size: int = 10944
+    num_hidden_layers: int = 46
+    num_attention_heads: int = 96
+    num_key_value_heads: int = 8
+    max_position_embeddings: int = 65536
+    partial_rotary_factor: float = 0.5
+    attention_bias: bool = True
+    moe_intermediate_size: int = 1408
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    n_routed_experts: int = 128
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 1
+    norm_topk_prob: bool = True
+    # Not config.json fields: > 1 for an expert-parallel rank's local config (parallel.py): the rank holds routed
+    # experts [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size) and all-reduces its partial MoE outputs.
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.n_routed_experts // self.ep_size
+
+    @property
+    def expert_start(self) -> int:
+        return self.ep_rank * self.num_local_experts
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "MoeTextConfig":
+        d = dict(d)
+        for k in ("tp_size", "ep_size", "ep_rank"):  # set by parallel.py only, never read from a file
+            d.pop(k, None)
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = d.get(key)
+            if rope is None:
+                continue
+            if not isinstance(rope, dict):
+                raise ValueError(f"config field '{key}': expected a JSON object, got {type(rope).__name__}")
+            for sub in ("mrope_section", "rope_theta", "partial_rotary_factor"):
+                if sub in rope:
+                    d.setdefault(sub, rope[sub])
+            rtype = rope.get("rope_type", rope.get("type"))
+            if rtype is not None:
+                d.setdefault("rope_type", rtype)
+        if d.get("partial_rotary_factor") is None:
+            d.pop("partial_rotary_factor", None)  # the class default (0.5), as transformers' Glm4vMoeTextConfig
+        eos = d.get("eos_token_id")
+        if isinstance(eos, int) and not isinstance(eos, bool):
+            d["eos_token_id"] = [eos]
+        cfg = cls(**_pick(cls, d))
+        for name in ("hidden_size", "num_attention_heads"):
+            v = getattr(cfg, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"text_config.{name}",
+                   f"must be a positive integer, got {v!r}")
+        if cfg.head_dim is None:  # the reference: getattr(config, "head_dim", hidden_size // num_attention_heads)
+            _check(cfg.hidden_size % cfg.num_attention_heads == 0, "text_config.hidden_size",
+                   f"{cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}; give "
+                   "head_dim explicitly")
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        cfg.mrope_section = list(cfg.mrope_section) if cfg.mrope_section is not None else None
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        super().validate()
+        for name in _MOE_INT_FIELDS:
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"text_config.{name}",
+                   f"must be a positive integer, got {v!r}")
+        f = self.first_k_dense_replace
+        _check(isinstance(f, int) and not isinstance(f, bool) and f >= 0, "text_config.first_k_dense_replace",
+               f"must be a non-negative integer, got {f!r}")
+        _check(self.n_routed_experts % self.n_group == 0, "text_config.n_group",
+               f"{self.n_group} groups do not divide n_routed_experts={self.n_routed_experts}")
+        per_group = self.n_routed_experts // self.n_group
+        _check(per_group >= 2, "text_config.n_group",
+               f"each group needs at least 2 experts (the group score is the sum of its top 2), got {per_group}")
+        _check(self.topk_group <= self.n_group, "text_config.topk_group",
+               f"{self.topk_group} exceeds n_group={self.n_group}")
+        _check(self.num_experts_per_tok <= self.topk_group * per_group, "text_config.num_experts_per_tok",
+               f"{self.num_experts_per_tok} exceeds the {self.topk_group * per_group} experts of the "
+               f"topk_group={self.topk_group} chosen groups")
+        r = self.routed_scaling_factor
+        _check(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0, "text_config.routed_scaling_factor",
+               f"must be a positive number, got {r!r}")
+        _check(isinstance(self.norm_topk_prob, bool), "text_config.norm_topk_prob",
+               f"must be true or false, got {self.norm_topk_prob!r}")
+        _check(isinstance(self.attention_bias, bool), "text_config.attention_bias",
+               f"must be true or false, got {self.attention_bias!r}")
+
+
 # The marker tools/convert.py writes into config.json: {"glm4v_ms": {"layout": CONVERTED_LAYOUT, ...}}. A folder with
 # it holds tensors already in our layout (decoder q/k rows permuted into the half rotary layout); loading then skips
 # the transform and converting it again is refused.
@@ -201,17 +308,23 @@ CONVERTED_LAYOUT = "half_rotary_qk/v1"
 # model_type values of the dense GLM-V family. "glm4v": GLM-4.1V-9B-Thinking / -Base and GLM-4.6V-Flash as
 # published; "glm46v": the same folder as transformers 5.x's Glm46VConfig writes it (it composes the glm4v_text and
 # glm4v_vision configs, so the network is the same); "glm4v_text": a text-only sub-config.
-MODEL_TYPES = ("glm4v", "glm46v", "glm4v_text")
-ARCHITECTURES = ("Glm4vForConditionalGeneration", "Glm46VForConditionalGeneration", "Glm4vModel", "Glm46VModel")
+# "glm4v_moe": GLM-4.5V and GLM-4.6V (the mixture-of-experts decoder, model/glm4v_moe.py).
+MODEL_TYPES = ("glm4v", "glm46v", "glm4v_text", "glm4v_moe")
+MOE_MODEL_TYPE = "glm4v_moe"
+ARCHITECTURES = ("Glm4vForConditionalGeneration", "Glm46VForConditionalGeneration", "Glm4vModel", "Glm46VModel",
+                 "Glm4vMoeForConditionalGeneration", "Glm4vMoeModel")
 _SUB_MODEL_TYPES = {"text_config": ("glm4v_text", "glm4v", "glm46v_text", "glm46v"),
                     "vision_config": ("glm4v_vision", "glm4v", "glm46v_vision", "glm46v")}
+_MOE_SUB_MODEL_TYPES = {"text_config": ("glm4v_moe_text", "Glm4vMoe_text", "glm4v_moe"),
+                        "vision_config": ("glm4v_moe_vision", "glm4v_moe", "glm4v_vision")}
 
 _TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
                     "video_start_token_id", "video_end_token_id")
 
 # Class defaults of transformers 5.x's Glm46VConfig where they differ from Glm4vConfig's (used only when the file
 # omits the field; a value in the file always wins).
-_DEFAULT_IDS = {"glm46v": {"video_start_token_id": 151361, "video_end_token_id": 151362}}
+_DEFAULT_IDS = {"glm46v": {"video_start_token_id": 151361, "video_end_token_id": 151362},
+                "glm4v_moe": {"image_token_id": 151363, "video_token_id": 151364}}
 
 
 @dataclass
@@ -224,7 +337,7 @@ class Glm4vConfig:
     image_end_token_id: int = 151340
     video_start_token_id: int = 151341
     video_end_token_id: int = 151342
-    # the file's model_type ("glm4v" or "glm46v"; "glm4v" when absent)
+    # the file's model_type ("glm4v", "glm46v" or "glm4v_moe"; "glm4v" when absent)
     model_type: str = "glm4v"
     # "hf" (tensors as transformers stores them) or CONVERTED_LAYOUT (written by tools/convert.py)
     layout: str = "hf"
@@ -239,20 +352,23 @@ class Glm4vConfig:
     def tie_word_embeddings(self) -> bool:
         return self.text.tie_word_embeddings
 
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.text, MoeTextConfig)
+
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Glm4vConfig":
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt is not None and mt not in MODEL_TYPES:
-            raise ValueError(f"config field 'model_type': {mt!r} is not a dense GLM-V model (expected one of "
-                             f"{', '.join(MODEL_TYPES)}); the MoE models GLM-4.5V / GLM-4.6V (glm4v_moe) are not "
-                             "supported")
+            raise ValueError(f"config field 'model_type': {mt!r} is not a GLM-V model (expected one of "
+                             f"{', '.join(MODEL_TYPES)})")
         arch = d.get("architectures")
         if isinstance(arch, list) and arch and not any(a in ARCHITECTURES for a in arch):
-            raise ValueError(f"config field 'architectures': {arch} names no dense GLM-V model (expected one of "
-                             f"{', '.join(ARCHITECTURES)}); the MoE models (Glm4vMoeForConditionalGeneration) are "
-                             "not supported")
+            raise ValueError(f"config field 'architectures': {arch} names no GLM-V model (expected one of "
+                             f"{', '.join(ARCHITECTURES)})")
+        moe = mt == MOE_MODEL_TYPE or (mt is None and isinstance(arch, list) and any("Moe" in str(a) for a in arch))
         text_d = d.get("text_config")
         if text_d is None:
             # Flat layout: the text fields sit at the top level.
@@ -270,17 +386,18 @@ class Glm4vConfig:
         vision_d = d.get("vision_config") or {}
         if not isinstance(vision_d, dict):
             raise ValueError("config field 'vision_config': expected a JSON object")
-        for key, allowed in _SUB_MODEL_TYPES.items():
+        for key, allowed in (_MOE_SUB_MODEL_TYPES if moe else _SUB_MODEL_TYPES).items():
             sub = d.get(key)
             smt = sub.get("model_type") if isinstance(sub, dict) else None
             if smt is not None and smt not in allowed:
-                raise ValueError(f"config field '{key}.model_type': {smt!r} is not a dense GLM-V {key[:-7]} "
-                                 f"config (expected one of {', '.join(allowed)})")
-        text = TextConfig.from_dict(text_d)
+                raise ValueError(f"config field '{key}.model_type': {smt!r} is not a "
+                                 f"{'GLM-4.5V/4.6V' if moe else 'dense GLM-V'} {key[:-7]} config (expected one of "
+                                 f"{', '.join(allowed)})")
+        text = (MoeTextConfig if moe else TextConfig).from_dict(text_d)
         vision = VisionConfig.from_dict(vision_d)
         # Ids the file gives win; missing ones take the defaults of the class transformers would build for this
         # model_type (Glm4vConfig: 4.1V's ids; Glm46VConfig: video span 151361 / 151362).
-        ids = dict(_DEFAULT_IDS.get(mt, {}))
+        ids = dict(_DEFAULT_IDS.get(MOE_MODEL_TYPE if moe else mt, {}))
         ids.update({k: d[k] for k in _TOKEN_ID_FIELDS if d.get(k) is not None})
         marker = d.get(LAYOUT_KEY)
         layout = "hf"
@@ -294,7 +411,7 @@ class Glm4vConfig:
         if quant is not None and not isinstance(quant, dict):
             raise ValueError("config field 'quantization_config': expected a JSON object")
         cfg = cls(text=text, vision=vision, layout=layout, quantization=quant,
-                  model_type=mt if mt in ("glm4v", "glm46v") else "glm4v", **ids)
+                  model_type=MOE_MODEL_TYPE if moe else (mt if mt in ("glm4v", "glm46v") else "glm4v"), **ids)
         cfg.validate()
         return cfg
 

@@ -19,7 +19,7 @@ from .layers import Linear
 from .rope import get_rope_index, half_layout_permutation, inv_freq, mrope_axis_of_frequency, text_cos_sin
 from .text import Glm4vTextModel
 from .vision import Glm4vVisionModel
-from .parallel import TPSplit, check_divisible, init_tensor_parallel
+from .parallel import TPSplit
 from .weights import CheckpointError, checkpoint_files, load_weights
 
 _DTYPES = {"float32": ms.float32, "fp32": ms.float32, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16,
@@ -45,13 +45,15 @@ class Glm4vOutput:
     position_ids: np.ndarray             # [3, B, S]
     hidden_states: Optional[List[Tensor]] = None  # embeddings, then each decoder layer's output (before final norm)
     vision_stages: Dict[str, Any] = field(default_factory=dict)
+    # MoE models with output_router_choices: per MoE layer (topk_ids [B*S, K], choice scores [B*S, E]) as numpy
+    router_choices: Optional[List[Any]] = None
 
 
 class Glm4vModel(nn.Cell):
-    def __init__(self, config: Glm4vConfig, dtype):
+    def __init__(self, config: Glm4vConfig, dtype, text_model=Glm4vTextModel):
         super().__init__()
         self.visual = Glm4vVisionModel(config.vision, dtype)
-        self.language_model = Glm4vTextModel(config.text, dtype)
+        self.language_model = text_model(config.text, dtype)
 
 
 class Glm4vForConditionalGeneration(nn.Cell):
@@ -60,11 +62,13 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     Inputs may be numpy arrays or MindSpore tensors. The model keeps no per-request state."""
 
+    text_model_class = Glm4vTextModel  # the decoder; Glm4vMoeForConditionalGeneration builds GLM-4.5V's
+
     def __init__(self, config: Glm4vConfig, dtype=ms.float32):
         super().__init__()
         self.config = config
         self._dtype = resolve_dtype(dtype)
-        self.model = Glm4vModel(config, self._dtype)
+        self.model = Glm4vModel(config, self._dtype, self.text_model_class)
         t = config.text
         self.lm_head = None if t.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, False, self._dtype)
         self._inv_freq = Tensor(inv_freq(t.rotary_dim, t.rope_theta))
@@ -249,7 +253,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
     def construct(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                   pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: Optional[KVCache] = None,
                   logits_to_keep: int = 0, output_hidden_states: bool = False,
-                  output_vision_stages: bool = False) -> Glm4vOutput:
+                  output_vision_stages: bool = False, output_router_choices: bool = False) -> Glm4vOutput:
         """Forward over ``input_ids`` [B, S]. Without ``cache``: the whole sequence, causal. With a
         :class:`KVCache`: the chunk is appended to the cache; the first chunk (prefill) computes the 3D positions and
         stores the rope deltas in the cache, later chunks get position = cache index + delta. ``attention_mask`` may
@@ -288,16 +292,24 @@ class Glm4vForConditionalGeneration(nn.Cell):
         else:
             m = cache.attention_mask(start, n)
             caches, index, causal_only = cache.tensors, cache.index(start, n), cache.causal_only(start, n)
-        out = self.language_model(embeds, cos, sin, Tensor(m).astype(self.dtype), caches, index, start + n,
-                                  causal_only, output_hidden_states)
+        router_log = [] if output_router_choices else None
+        out = self._run_decoder(embeds, cos, sin, Tensor(m).astype(self.dtype), caches, index, start + n, causal_only,
+                           output_hidden_states, router_log)
         if cache is not None:
             cache.commit(ids.shape[1])
         hidden, all_hidden = out if output_hidden_states else (out, None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.logits(hidden)
+        choices = None if router_log is None else [(ids.asnumpy(), sc.asnumpy()) for ids, sc in router_log]
         return Glm4vOutput(logits=logits, rope_deltas=deltas, position_ids=position_ids, hidden_states=all_hidden,
-                           vision_stages=stages)
+                           vision_stages=stages, router_choices=choices)
+
+    def _run_decoder(self, embeds, cos, sin, mask, caches, index, kv_len, causal_only, output_hidden_states, router_log):
+        """The decoder stack over one chunk (eager); a MoE model also fills ``router_log``."""
+        if router_log is not None:
+            raise ValueError("output_router_choices: GLM-4.1V's decoder has no experts (a glm4v_moe model has)")
+        return self.language_model(embeds, cos, sin, mask, caches, index, kv_len, causal_only, output_hidden_states)
 
     def rotary_tables(self, position_ids: Tensor):
         """cos/sin [B, S, head_dim] of the decoder for 3D positions [3, B, S] (graph-safe)."""
@@ -307,17 +319,3 @@ class Glm4vForConditionalGeneration(nn.Cell):
         w = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return ops.linear(hidden, w)
 
-
-def load_tp_model(folder: str, tp: int, dtype=None, quantized_weights: str = "auto"):
-    """The single entry point: set up tensor parallelism of size ``tp`` (``init_tensor_parallel``) and load this
-    rank's model from ``folder``. Returns ``(model, ctx)``; with tp == 1 outside msrun it is the ordinary model.
-    Raises ValueError naming the config field when tp does not divide the heads, KV heads or intermediate size."""
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder not found: {folder}")
-    check_divisible(Glm4vConfig.from_pretrained(folder).text, tp)  # before any process group is joined
-    ctx = init_tensor_parallel(tp)
-    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=ms.float32 if dtype is None else dtype,
-                                                          quantized_weights=quantized_weights,
-                                                          tensor_parallel=ctx if ctx.enabled else None)
-    return model, ctx

@@ -79,6 +79,41 @@ def set_fused(on: bool, any_dtype: bool = False) -> None:
     _FUSED["on"], _FUSED["any_dtype"] = bool(on), bool(any_dtype)
 
 
+# Graph tracing (runtime/engine.py and runtime/slots.py set it around every mindspore.jit call): ops whose eager
+# form reads tensors back to the host (the MoE's expert grouping, moe_ops.py) switch to a static-shape form while a
+# graph is traced. Read at call/trace time like fused().
+_TRACING = {"on": 0}
+
+
+def tracing() -> bool:
+    """True while a graph is being traced (or run) by a mindspore.jit entry point of the runtime."""
+    return _TRACING["on"] > 0
+
+
+class graph_trace:
+    """``with ops.graph_trace(): jit_fn(...)``: the static-shape forms of host-dependent ops are used inside."""
+
+    def __enter__(self):
+        _TRACING["on"] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _TRACING["on"] -= 1
+        return False
+
+
+def jit(fn):
+    """``mindspore.jit(fn)`` whose every call runs inside ``graph_trace()`` (the runtime's graph entry points)."""
+    compiled = ms.jit(fn)
+
+    def run(*args, **kwargs):
+        with graph_trace():
+            return compiled(*args, **kwargs)
+
+    run.__wrapped__ = compiled
+    return run
+
+
 # MindSpore's configuration of the Ascend fast path, applied by set_device("Ascend"): every entry point that runs on
 # Ascend (generate.py, pipeline.load, tools/batch_infer.py, the library via glm4v_ms.set_device) and
 # tools/ascend_check.py, which validates it on a device, run the same one: jit_level "O0" and infer_boost "on"
@@ -179,6 +214,15 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if bias is not None:
         y = y + bias
     return _r(y.reshape(*shape[:-1], weight.shape[0]))
+
+
+_MATMUL = ops.MatMul()
+
+
+def matmul_plain(x: Tensor, weight: Tensor) -> Tensor:
+    """y = x W with W stored "in x out" [in, out] (the MoE's expert weights): a 2-D MatMul over x's last dim."""
+    shape = x.shape
+    return _r(_MATMUL(x.reshape(-1, shape[-1]), weight).reshape(*shape[:-1], weight.shape[-1]))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -77,7 +77,8 @@ _ROW_DOWN = ("mlp.down_proj.weight",)
 @dataclass(frozen=True)
 class TPContext:
     """Where this process sits: global ``rank`` of ``world``; ``tp_rank`` of ``tp_size`` in its TP group (the
-    communication group ``group``); ``dp_rank`` of ``dp_size`` TP groups."""
+    communication group ``group``); ``dp_rank`` of ``dp_size`` TP groups. MoE models (glm4v_moe): ``ep_rank`` of
+    ``ep_size`` expert-parallel ranks, over the same group (its size is max(tp_size, ep_size))."""
     rank: int = 0
     world: int = 1
     tp_rank: int = 0
@@ -85,17 +86,23 @@ class TPContext:
     dp_rank: int = 0
     dp_size: int = 1
     group: Optional[str] = None
+    ep_rank: int = 0
+    ep_size: int = 1
+
+    @property
+    def group_size(self) -> int:
+        return max(self.tp_size, self.ep_size)
 
     @property
     def enabled(self) -> bool:
-        return self.tp_size > 1
+        return self.group_size > 1
 
     def shared_seed(self) -> int:
         """A fresh random 48-bit seed, equal on every rank of the TP group (drawn by TP rank 0, summed over the
         group as two 24-bit halves: AllReduce on CPU takes float32 only, which holds 24-bit integers exactly)."""
         from mindspore import Tensor
 
-        seed = int(np.random.SeedSequence().entropy % (1 << 48)) if self.tp_rank == 0 else 0
+        seed = int(np.random.SeedSequence().entropy % (1 << 48)) if self.tp_rank == 0 and self.ep_rank == 0 else 0
         if not self.enabled:
             return seed
         halves = np.array([seed >> 24, seed & 0xFFFFFF], np.float32)
@@ -110,52 +117,64 @@ def _launched_by_msrun() -> bool:
     return "MS_ROLE" in os.environ or "MS_SCHED_HOST" in os.environ
 
 
-def init_tensor_parallel(tp: int) -> TPContext:
-    """Join the process group (``mindspore.communication.init``) and set up the tensor-parallel group of ``tp``
-    consecutive ranks; returns the context. Call once per process after ``glm4v_ms.set_device`` (default CPU);
-    a repeated call with the same ``tp`` returns the same context. ``tp`` == 1 outside msrun: no communication."""
-    if not isinstance(tp, (int, np.integer)) or isinstance(tp, bool) or tp < 1:
-        raise ValueError(f"tensor parallel size must be a positive integer, got {tp!r}")
+def _positive(value, what: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} size must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def init_tensor_parallel(tp: int, ep: int = 1) -> TPContext:
+    """Join the process group (``mindspore.communication.init``) and set up the model-parallel group of
+    g = max(tp, ep) consecutive ranks; returns the context. ``tp``: attention heads and dense MLPs split over the
+    group (1: replicated); ``ep`` (MoE models only): routed experts split over the group (1: every rank holds all).
+    Each of tp and ep is 1 or g. Call once per process after ``glm4v_ms.set_device`` (default CPU); a repeated call
+    with the same sizes returns the same context. tp == ep == 1 outside msrun: no communication."""
+    tp, ep = _positive(tp, "tensor parallel"), _positive(ep, "expert parallel")
+    g = max(tp, ep)
+    if tp not in (1, g) or ep not in (1, g):
+        raise ValueError(f"tensor parallel {tp} and expert parallel {ep}: each must be 1 or the same size "
+                         "(attention and experts split over one group of ranks)")
     tp = int(tp)
     ctx = _STATE["ctx"]
     if ctx is not None:
-        if ctx.tp_size != tp:
-            raise ValueError(f"tensor parallelism is already set up with tp={ctx.tp_size} in this process; "
-                             f"cannot switch to tp={tp}")
+        if (ctx.tp_size, ctx.ep_size) != (tp, ep):
+            raise ValueError(f"model parallelism is already set up with tp={ctx.tp_size}, ep={ctx.ep_size} in this "
+                             f"process; cannot switch to tp={tp}, ep={ep}")
         return ctx
-    if tp == 1 and not _launched_by_msrun():
+    if g == 1 and not _launched_by_msrun():
         ctx = TPContext()
         _STATE["ctx"] = ctx
         return ctx
     if not _launched_by_msrun():
-        raise RuntimeError(f"tensor parallelism (tp={tp}) runs one process per rank: launch the script with "
-                           f"msrun --worker_num={tp} --local_worker_num={tp} --master_addr=127.0.0.1 "
-                           "--master_port=<free port> --join=True --cluster_time_out=60 <script> ...")
+        raise RuntimeError(f"{'tensor' if tp > 1 else 'expert'} parallelism (tp={tp}, ep={ep}) runs one process per "
+                           f"rank: launch the script with msrun --worker_num={g} --local_worker_num={g} "
+                           "--master_addr=127.0.0.1 --master_port=<free port> --join=True --cluster_time_out=60 "
+                           "<script> ...")
     ops.device_target()  # the backend must be chosen before the communication library starts (CPU by default)
     from mindspore.communication import GlobalComm, create_group, get_group_size, get_rank, init
 
     init()
     rank, world = int(get_rank()), int(get_group_size())
-    if world % tp:
-        raise ValueError(f"tensor parallel size {tp} does not divide the number of processes {world} "
-                         "(msrun --worker_num); each TP group is tp consecutive ranks")
-    dp_rank, tp_rank = divmod(rank, tp)
+    if world % g:
+        raise ValueError(f"model parallel size {g} does not divide the number of processes {world} "
+                         "(msrun --worker_num); each group is max(tp, ep) consecutive ranks")
+    dp_rank, g_rank = divmod(rank, g)
     group = None
-    if tp > 1:
-        if world == tp:
+    if g > 1:
+        if world == g:
             group = GlobalComm.WORLD_COMM_GROUP
         else:
             group = f"glm4v_tp{dp_rank}"
             try:
-                create_group(group, list(range(dp_rank * tp, (dp_rank + 1) * tp)))
+                create_group(group, list(range(dp_rank * g, (dp_rank + 1) * g)))
             except Exception as e:  # a backend without sub-groups
-                raise RuntimeError(f"data x tensor parallelism (world {world}, tp {tp}) needs a communication "
-                                   f"group per TP group, which this backend refused ({type(e).__name__}: "
+                raise RuntimeError(f"data x model parallelism (world {world}, group {g}) needs a communication "
+                                   f"group per model-parallel group, which this backend refused ({type(e).__name__}: "
                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); run with "
-                                   f"--worker_num={tp} (one TP group) instead") from None
-    ops.set_tensor_parallel(tp, group)
-    ctx = TPContext(rank=rank, world=world, tp_rank=tp_rank, tp_size=tp, dp_rank=dp_rank, dp_size=world // tp,
-                    group=group)
+                                   f"--worker_num={g} (one group) instead") from None
+    ops.set_tensor_parallel(g, group)
+    ctx = TPContext(rank=rank, world=world, tp_rank=g_rank if tp > 1 else 0, tp_size=tp, dp_rank=dp_rank,
+                    dp_size=world // g, group=group, ep_rank=g_rank if ep > 1 else 0, ep_size=ep)
     _STATE["ctx"] = ctx
     return ctx
 
@@ -178,6 +197,21 @@ def check_divisible(cfg: TextConfig, tp: int) -> None:
     if cfg.intermediate_size % tp:
         raise ValueError(f"config field 'text_config.intermediate_size': {cfg.intermediate_size} is not divisible "
                          f"by tensor_parallel={tp}; {hint}")
+
+
+def check_divisible_moe(cfg, tp: int, ep: int) -> None:
+    """The MoE decoder's (config.MoeTextConfig) checks: tp divides the heads, KV heads, the dense layers' and the
+    shared experts' inner widths; ep divides the routed experts. ValueError names the field."""
+    tp, ep = _positive(tp, "tensor parallel"), _positive(ep, "expert parallel")
+    fields = [("num_attention_heads", cfg.num_attention_heads, tp), ("num_key_value_heads", cfg.num_key_value_heads, tp),
+              ("intermediate_size", cfg.intermediate_size, tp),
+              ("moe_intermediate_size x n_shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts, tp),
+              ("n_routed_experts", cfg.n_routed_experts, ep)]
+    for name, value, size in fields:
+        if value % size:
+            what = "expert_parallel" if name == "n_routed_experts" else "tensor_parallel"
+            raise ValueError(f"config field 'text_config.{name}': {value} cannot be divided among {what}={size} "
+                             "ranks")
 
 
 def local_text_config(cfg: TextConfig, tp: int) -> TextConfig:

@@ -4,10 +4,11 @@ Two conventions live here, and mixing them up is silently wrong:
 
 * vision: half-split ("NeoX") rotation over the whole head, angles laid out [h, w, h, w], computed in fp32;
 * text: M-RoPE on interleaved pairs (GPT-J style) of the first ``rotary_dim`` dims of each head, frequency j taking
-  its position from the t, h or w row according to ``mrope_section``.
+  its position from the t, h or w row according to ``mrope_section``; GLM-4.5V/4.6V (glm4v_moe) instead pair dim i
+  with i + rotary_dim/2 ("NeoX" rotate_half over the rotary dims), same frequencies and sections.
 
 The text rotation is computed in the *half layout*: at load time the q/k projection rows of every head are permuted
-(``half_layout_permutation``) so that the interleaved partial rotation becomes a half-split rotation over the whole
+(``half_layout_permutation``; ``neox_layout_permutation`` for glm4v_moe) so that the interleaved partial rotation becomes a half-split rotation over the whole
 head with cos = 1, sin = 0 on the pass-through dims. Scores q.k are unchanged by a permutation applied to both q and
 k, the arithmetic per rotated pair is the same (bit for bit in fp32), and one rotation convention serves the ViT,
 the decoder and Ascend's fused ``rotary_position_embedding`` (mode 0, which unlike mode 1 accepts per-row positions).
@@ -86,6 +87,21 @@ def half_layout_permutation(head_dim: int, rotary_dim: int) -> np.ndarray:
     rest = list(range(rotary_dim, head_dim))
     first = [2 * i for i in range(p)] + rest[:half - p]
     second = [2 * i + 1 for i in range(p)] + rest[half - p:]
+    return np.array(first + second, dtype=np.int64)
+
+
+def neox_layout_permutation(head_dim: int, rotary_dim: int) -> np.ndarray:
+    """perm[new] = old index within one head for GLM-4.5V/4.6V's decoder (glm4v_moe), whose partial rotary is
+    already half-split ("NeoX" rotate_half) but only over the first ``rotary_dim`` dims: dim i pairs with
+    i + rotary_dim/2 (i < P = rotary_dim/2), dims rotary_dim.. pass through. New layout, as for
+    ``half_layout_permutation``: pair (i, i + head_dim/2), pass-through dims filling the rest of each half in order.
+    Example head_dim 8, rotary_dim 4: perm = [0, 1, 4, 5, 2, 3, 6, 7]; head_dim == rotary_dim: the identity."""
+    if rotary_dim % 2 or head_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and in (0, head_dim={head_dim}]")
+    half, p = head_dim // 2, rotary_dim // 2
+    rest = list(range(rotary_dim, head_dim))
+    first = list(range(p)) + rest[:half - p]
+    second = list(range(p, 2 * p)) + rest[half - p:]
     return np.array(first + second, dtype=np.int64)
 
 

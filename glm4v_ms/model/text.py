@@ -23,17 +23,18 @@ class TextAttention(nn.Cell):
     checkpoint loader permutes them), so one rotate_half over the whole head applies GLM's partial interleaved
     M-RoPE."""
 
-    def __init__(self, cfg: TextConfig, dtype):
+    def __init__(self, cfg: TextConfig, dtype, qkv_bias: bool = True):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim ** -0.5
         h = cfg.hidden_size
-        # The reference hard-codes bias on q/k/v and none on o_proj (config.attention_bias is not read).
-        self.q_proj = Linear(h, self.num_heads * self.head_dim, True, dtype)
-        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, True, dtype)
-        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, True, dtype)
+        # GLM-4.1V's reference hard-codes bias on q/k/v (config.attention_bias is not read); GLM-4.5V's reads
+        # attention_bias (text_moe.py passes it). o_proj never has a bias.
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, qkv_bias, dtype)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, qkv_bias, dtype)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, qkv_bias, dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, False, dtype)
         self.tp = cfg.tp_size > 1  # a tensor-parallel rank's block of heads: o_proj gives a partial sum
 
@@ -52,12 +53,18 @@ class TextAttention(nn.Cell):
 
 
 class TextMLP(nn.Cell):
-    def __init__(self, cfg: TextConfig, dtype):
+    """SiLU-GLU MLP. ``inner``: the (rank's) inner width, default cfg.intermediate_size; ``reduce``: all-reduce the
+    output of a tensor-parallel rank (default: when cfg.tp_size > 1; the MoE's shared experts reduce together with
+    the routed experts instead)."""
+
+    def __init__(self, cfg: TextConfig, dtype, inner: int = 0, reduce=None):
         super().__init__()
+        inner = inner or cfg.intermediate_size
         # One fused projection: output rows [0, inner) are the gate, [inner, 2*inner) the up projection.
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
-        self.tp = cfg.tp_size > 1  # a tensor-parallel rank's slice of the inner width: down_proj gives a partial sum
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inner, False, dtype)
+        self.down_proj = Linear(inner, cfg.hidden_size, False, dtype)
+        # a tensor-parallel rank's slice of the inner width: down_proj gives a partial sum
+        self.tp = cfg.tp_size > 1 if reduce is None else bool(reduce)
 
     def construct(self, x):
         out = self.down_proj(ops.swiglu(self.gate_up_proj(x)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import ml_dtypes  # noqa: F401  (registers numpy bfloat16 so safetensors can read BF16 tensors)
@@ -233,5 +234,91 @@ def load_weights(model: nn.Cell, folder: str, ignore: Tuple[str, ...] = (),
             params[f"{m}.weight"].set_data(Tensor(quant.pack_int4_pairs(w), dtype=params[f"{m}.weight"].dtype))
         else:
             params[f"{m}.weight"].set_data(Tensor(w))
+    if bar is not None:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mapped loading: checkpoint tensors (or slices of them) -> regions of parameters
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Piece:
+    """Checkpoint tensor ``source`` (its ``src`` slice, read with safe_open(...).get_slice: only those bytes are
+    read), after the model's transform and an optional transpose, goes to ``dst`` of parameter ``param``
+    (() = the whole parameter)."""
+    source: str
+    param: str
+    src: tuple = ()
+    dst: tuple = ()
+    transpose: bool = False
+
+
+def _slice_shape(shape: Tuple[int, ...], index: tuple) -> Tuple[int, ...]:
+    out = list(shape)
+    for i, s in enumerate(index):
+        out[i] = len(range(*s.indices(shape[i])))
+    return tuple(out)
+
+
+def load_pieces(model: nn.Cell, folder: str, pieces: List[Piece], expected: Dict[str, Tuple[int, ...]],
+                ignore: Tuple[str, ...] = (), transform: Optional[Callable[[str, np.ndarray], np.ndarray]] = None,
+                progress: Optional[Callable[[int], Any]] = None) -> None:
+    """Fill every parameter of ``model`` from ``pieces`` of the checkpoint in ``folder`` (strict).
+
+    ``expected``: every checkpoint tensor the model's config implies, name -> full shape, including tensors this
+    process does not read (another expert-parallel rank's experts): names and shapes of the whole checkpoint are
+    checked before anything is read, and errors name the checkpoint's tensors. Every parameter must be covered by its
+    pieces. Parameters are assembled one at a time (a buffer of the parameter's size, freed when it is set), and a
+    piece reads only its slice, so a rank's peak memory is its own parameters plus one parameter.
+    ``transform(source_name, array)``: the model's layout change (applied to the slice read; it must act on whole
+    rows blocks, as the per-head q/k permutation does on head-aligned slices)."""
+    params = dict(model.parameters_and_names())
+    files = checkpoint_files(folder)
+    shapes = read_shapes(files)
+    check_names(expected, shapes, folder, ignore)
+    by_param: Dict[str, List[Piece]] = {}
+    for p in pieces:
+        by_param.setdefault(p.param, []).append(p)
+    uncovered = sorted(set(params) - set(by_param))
+    if uncovered:
+        raise CheckpointError(f"no checkpoint tensor is mapped to parameter(s) {_fmt(uncovered)} (internal error)")
+    bar = None
+    if progress is not None:
+        sizes = tensor_nbytes({p.source: files[p.source] for p in pieces})
+
+        def piece_bytes(p: Piece) -> int:
+            full = shapes[p.source]
+            return sizes[p.source] * int(np.prod(_slice_shape(full, p.src))) // max(int(np.prod(full)), 1)
+
+        shard = {path: i + 1 for i, path in enumerate(_group_by_file(files))}
+        bar = progress(sum(piece_bytes(p) for p in pieces))
+    for name, plist in by_param.items():
+        param = params[name]
+        target = _NP_DTYPE.get(param.dtype)
+        if target is None:
+            raise CheckpointError(f"unsupported parameter dtype {param.dtype} for {name}")
+        whole = len(plist) == 1 and plist[0].dst == ()
+        buf = None if whole else np.empty(tuple(param.shape), dtype=target)
+        for p in plist:
+            with safe_open(files[p.source], framework="numpy") as f:
+                arr = f.get_slice(p.source)[p.src] if p.src else f.get_tensor(p.source)
+            arr = _cast(p.source, arr, target)
+            if transform is not None:
+                arr = transform(p.source, arr)
+            if p.transpose:
+                arr = arr.T
+            if whole:
+                if tuple(arr.shape) != tuple(param.shape):
+                    raise CheckpointError(f"tensor '{p.source}' gives shape {list(arr.shape)} for parameter {name} "
+                                          f"{list(param.shape)} (internal error)")
+                param.set_data(Tensor(np.ascontiguousarray(arr)))
+            else:
+                buf[p.dst] = arr
+            if bar is not None:
+                bar.update(piece_bytes(p), shard=f"{shard[files[p.source]]}/{len(shard)}")
+        if buf is not None:
+            param.set_data(Tensor(buf))
+            del buf
     if bar is not None:
         bar.close()

@@ -151,7 +151,7 @@ class GraphRunner:
         self.min_decode_bucket = next_pow2(min_decode_bucket)
         self._prefill_cell, self._decode_cell = _Prefill(model), _Decode(model)
         # compiling calls go through _jit, the request's own calls through the attributes (tests wrap those)
-        self._jit = {"prefill": ms.jit(self._prefill_cell.construct), "decode": ms.jit(self._decode_cell.construct)}
+        self._jit = {"prefill": ops.jit(self._prefill_cell.construct), "decode": ops.jit(self._decode_cell.construct)}
         self.prefill_graph, self.decode_graph = self._jit["prefill"], self._jit["decode"]
         self.shapes_seen: Dict[str, set] = {"prefill": set(), "decode": set()}  # which static shapes ran
         self._free: Dict[tuple, list] = {}  # (batch, max_len) -> cache buffers not in use

@@ -29,6 +29,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops as msops
 
 from . import sampling
+from ..model import ops
 from ..model.generation_config import GenerationConfig
 from ..model.kv_cache import KVCache, mask_fill
 from .engine import GraphSession, graph_runner, next_pow2
@@ -112,7 +113,7 @@ class SlotBatch:
         if mode == "graph":
             self.runner = graph_runner(model)
             self.min_bucket = self.runner.min_decode_bucket
-            self._decode = ms.jit(self._cell.construct)
+            self._decode = ops.jit(self._cell.construct)
             self._sample = ms.jit(_sample_rows)
             self.seen = Parameter(mint.zeros((slots, self.vocab), dtype=ms.float32), name="slot_seen",
                                   requires_grad=False)
