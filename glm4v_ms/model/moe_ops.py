@@ -28,7 +28,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, ops as msops
 
-from . import ops
+from . import moe_kernels, ops
 
 _BMM = msops.BatchMatMul()
 
@@ -39,8 +39,6 @@ def routed_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w13: Tenso
     the rank's local experts are [expert_start, expert_start + L) of ``num_experts`` (0: L). Returns [N, H] in
     x.dtype (see the module docstring)."""
     if ops.fused() and ops.fused_dtype(x):
-        from . import moe_kernels  # the Ascend form, a sibling module of the device layer
-
         return moe_kernels.fused_routed_experts(x, topk_ids, topk_weights, w13, w2, expert_start,
                                                 num_experts or w13.shape[0])
     if ops.tracing():
