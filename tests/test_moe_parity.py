@@ -218,3 +218,16 @@ def test_checkpoint_mismatch_names_the_tensor(moe_models, tmp_path, edit, words)
         Glm4vMoeForConditionalGeneration.from_pretrained(str(tmp_path / "bad"))
     for w in words:
         assert w in str(e.value)
+
+
+def test_the_dense_class_refuses_a_moe_folder_and_the_other_way_round(moe_models, ref_models):
+    from glm4v_ms import Glm4vForConditionalGeneration, model_class
+
+    moe_folder = moe_models("moe_norm", seed=0, **NORM)[0]
+    dense_folder = ref_models("untied", seed=0, merge=2, tie=False, partial=0.5, mrope=(2, 3, 3))[0]
+    with pytest.raises(ValueError, match="Glm4vMoeForConditionalGeneration"):
+        Glm4vForConditionalGeneration.from_pretrained(moe_folder)
+    with pytest.raises(ValueError, match="dense GLM-V model"):
+        Glm4vMoeForConditionalGeneration.from_pretrained(dense_folder)
+    assert model_class(moe_folder) is Glm4vMoeForConditionalGeneration
+    assert model_class(dense_folder) is Glm4vForConditionalGeneration

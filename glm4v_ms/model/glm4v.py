@@ -102,6 +102,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         if quantized_weights not in ("auto", "dequantize", "int"):
             raise ValueError(f"quantized_weights must be 'auto', 'dequantize' or 'int', got {quantized_weights!r}")
         config = Glm4vConfig.from_pretrained(folder)
+        if config.is_moe:
+            raise ValueError(f"{folder} holds GLM-4.5V / GLM-4.6V (model_type 'glm4v_moe', a mixture of experts): load it "
+                             "with Glm4vMoeForConditionalGeneration, or glm4v_ms.load_model, which picks the class")
         split = None
         if tensor_parallel is not None and tensor_parallel.tp_size > 1:
             split = TPSplit(config.text, tensor_parallel.tp_rank, tensor_parallel.tp_size)
