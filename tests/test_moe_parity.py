@@ -43,6 +43,7 @@ def _hf(model, kw):
              for l in lm.layers]
     hooks += [l.mlp.gate.register_forward_hook(lambda m, i, o: st["choices"].append(o[0].numpy()))
               for l in lm.layers if hasattr(l.mlp, "gate")]
+    hooks.append(model.model.visual.merger.register_forward_hook(lambda m, i, o: st.__setitem__("features", o)))
     try:
         with torch.no_grad():
             st["logits"] = model(**{k: torch.tensor(v) for k, v in kw.items() if v is not None}).logits.numpy()
@@ -67,9 +68,11 @@ def run_case(case, entry, ids, mask=None, pv=None, grid=None, pvv=None, vgrid=No
     folder, ref, model = entry
     kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid, pixel_values_videos=pvv,
               video_grid_thw=vgrid)
-    out = model(**kw, output_hidden_states=True, output_router_choices=True)
+    out = model(**kw, output_hidden_states=True, output_router_choices=True, output_vision_stages=True)
     st = _hf(ref, kw)
     rows = None if mask is None else mask.astype(bool)
+    if pv is not None or pvv is not None:
+        _check(case, "vision.features", out.vision_stages["merger"], st["features"])
     for i, (a, b) in enumerate(zip(out.hidden_states[1:], st["layers"])):
         _check(case, f"text.layer{i}", a, b, rows)
     _check(case, "logits", out.logits, st["logits"], rows)
