@@ -1,7 +1,8 @@
 """NumPy models of the Ascend kernels the fused path calls, written from their documented semantics (MindSpore 2.10
 docstrings of mindspore.ops.flash_attention_score, fused_infer_attention_score, rms_norm,
-rotary_position_embedding, swiglu; MindSpore's WeightQuantBatchMatmul type inference
-(mindspore/ops/infer/ops_func_impl/weight_quant_batch_matmul.cc) and CANN's aclnnWeightQuantBatchMatmulV2 page
+rotary_position_embedding, swiglu, moe_init_routing_v2, moe_token_unpermute and grouped_matmul_v4, with CANN's
+aclnn pages for the last three (hicann/ops-transformer, moe/ and gmm/ docs); MindSpore's WeightQuantBatchMatmul type
+inference (mindspore/ops/infer/ops_func_impl/weight_quant_batch_matmul.cc) and CANN's aclnnWeightQuantBatchMatmulV2 page
 (hicann/ops-nn, matmul/weight_quant_batch_matmul_v2/docs) for the weight-quant matmul). They stand in for the
 kernels in tests (PyNative only): ``simulated_kernels()`` puts them into ``glm4v_ms.model.ops.KERNELS`` and
 switches the fused path on.
@@ -308,9 +309,136 @@ def weight_quant_batch_matmul(x, weight, antiquant_scale, antiquant_offset=None,
     return _back(y, x)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# mixture-of-experts kernels (glm4v_ms/model/moe_kernels.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+_FLOATS = (ms.float16, ms.bfloat16, ms.float32)
+
+
+def moe_init_routing_v2(x, expert_idx, active_num, expert_capacity, expert_num, drop_pad_mode,
+                        expert_tokens_count_or_cumsum_flag, expert_tokens_before_capacity_flag):
+    """Dropless routing (drop_pad_mode 0, active_num 0), returning what the functional form returns
+    (mindspore/ops/function/other_func.py): (expanded_x, expanded_row_idx, counts) with a count flag, else the first
+    two. CANN aclnnMoeInitRoutingV2: sortedExpertIdx, sortedRowIdx = keyValueSort(flatten(expert_idx));
+    expanded_x[i] = x[sortedRowIdx[i] // K]; expanded_row_idx[sortedRowIdx[i]] = i; counts = histogram (flag 2) or
+    its cumsum (flag 1) over expert_num bins. The order of the rows of one expert is not documented; this model keeps
+    source order (a stable sort)."""
+    rule = "mindspore.ops.moe_init_routing_v2 docstring"
+    if x.dtype not in _FLOATS:
+        raise KernelDtypeError(f"x dtype {x.dtype} not in {_FLOATS} ({rule})")
+    if expert_idx.dtype != ms.int32:
+        raise KernelDtypeError(f"expert_idx dtype {expert_idx.dtype} must be int32 ({rule})")
+    assert drop_pad_mode == 0 and active_num == 0, "only the dropless scenario (drop_pad_mode 0, active_num 0) is " \
+                                                   "modelled"
+    flag = int(expert_tokens_count_or_cumsum_flag)
+    assert flag in (0, 1, 2), f"expert_tokens_count_or_cumsum_flag {flag} must be 0, 1 or 2 ({rule})"
+    a, ids = _np(x), expert_idx.asnumpy()
+    assert a.ndim == 2 and ids.ndim == 2 and ids.shape[0] == a.shape[0], \
+        f"x {a.shape} must be [NUM_ROWS, H] and expert_idx {ids.shape} [NUM_ROWS, K] ({rule})"
+    if flag:
+        assert expert_num > 0 and ids.min(initial=0) >= 0 and ids.max(initial=0) < expert_num, \
+            f"with a count flag the ids must lie in [0, expert_num - 1 = {expert_num - 1}] ({rule})"
+    assert ids.min(initial=0) >= 0, f"expert ids must be >= 0 ({rule})"
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")  # sortedRowIdx
+    row_idx = np.empty_like(order)
+    row_idx[order] = np.arange(order.size)
+    expanded = a[order // k]
+    CALLS.append(dict(kernel="moe_init_routing_v2", x=a.shape, k=k, expert_num=expert_num, flag=flag, dtype=x.dtype))
+    outs = (_back(expanded, x), Tensor(row_idx.astype(np.int32)))
+    if flag:
+        hist = np.bincount(flat, minlength=expert_num)[:expert_num]
+        outs += (Tensor((hist if flag == 2 else np.cumsum(hist)).astype(np.int32)),)
+    return outs
+
+
+def grouped_matmul_v4(x, weight, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
+                      pre_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
+                      activation_quant_offset=None, split_item=0, group_type=-1, group_list_type=0, act_type=0,
+                      output_dtype=None):
+    """One matmul per group of consecutive rows (split_item 3, group_type 0: x [M, K], weight [E, K, N], group_list
+    [E] int64): y[rows of group e] = x[rows of group e] @ weight[e], in fp32, one rounding to x's dtype. Group sizes
+    are group_list (type 1) or its differences (type 0). Rows after the last group are left undefined by the kernel
+    (NaN here, the worst case)."""
+    assert all(t is None for t in (bias, scale, offset, antiquant_scale, antiquant_offset, pre_token_scale,
+                                   activation_input, activation_quant_scale, activation_quant_offset, output_dtype)), \
+        "only the non-quantised form without bias is modelled"
+    assert split_item == 3 and group_type == 0 and act_type == 0, \
+        "only single-tensor m-axis grouping (split_item 3, group_type 0) is modelled"
+    rule = "mindspore.ops.auto_generate.grouped_matmul_v4 docstring"
+    assert group_list_type in (0, 1), f"group_list_type {group_list_type} must be 0 or 1 ({rule})"
+    assert isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)) and len(x) == len(weight) == 1, \
+        f"split_item 3 takes a list of one x and one weight ({rule}, Parameter limitations 1)"
+    xs, ws = x[0], weight[0]
+    # Parameter limitations 2 and 3: float16 x float16 -> float16, bfloat16 x bfloat16 -> bfloat16, float32 x
+    # float32 -> float32 (the last only with split_item 3, group_type 0)
+    if xs.dtype not in _FLOATS or ws.dtype != xs.dtype:
+        raise KernelDtypeError(f"x {xs.dtype} / weight {ws.dtype}: both float16, bfloat16 or float32 ({rule})")
+    if group_list is None or group_list.dtype != ms.int64:
+        raise KernelDtypeError(f"group_list must be an int64 tensor, got {_dt(group_list)} ({rule})")
+    a, w, g = _np(xs), _np(ws), group_list.asnumpy().astype(np.int64)
+    assert a.ndim == 2 and w.ndim == 3 and a.shape[1] == w.shape[1], \
+        f"x {a.shape} must be [M, K] and weight {w.shape} [E, K, N] ({rule})"
+    assert g.ndim == 1 and g.shape[0] == w.shape[0], f"group_list {g.shape} must have weight.shape[0] = {w.shape[0]} " \
+                                                     f"entries ({rule})"
+    # CANN aclnnGroupedMatmulV4: at most 1024 groups; last dims below 65536
+    assert g.shape[0] <= 1024 and a.shape[1] < 65536 and w.shape[2] < 65536, "aclnnGroupedMatmulV4 size limits"
+    # CANN aclnnGroupedMatmulV4: group_list non-negative (type 1), non-negative non-decreasing (type 0). MindSpore's
+    # docstring says "positive"; empty groups (every decode step has them) are what vllm-mindspore and mindformers
+    # pass, and CANN allows them.
+    assert (g >= 0).all(), f"group_list {g.tolist()} must be non-negative (aclnnGroupedMatmulV4)"
+    if group_list_type == 0:
+        assert (np.diff(g) >= 0).all(), f"group_list {g.tolist()} (cumulative) must be non-decreasing"
+    ends = g if group_list_type == 0 else np.cumsum(g)
+    assert ends[-1] <= a.shape[0], f"the groups cover {ends[-1]} rows, x has {a.shape[0]} ({rule}: sum <= M)"
+    y = np.full((a.shape[0], w.shape[2]), np.nan, np.float32)
+    start = 0
+    for e, end in enumerate(ends):
+        y[start:end] = a[start:end] @ w[e]
+        start = end
+    CALLS.append(dict(kernel="grouped_matmul_v4", x=a.shape, w=w.shape, rows=int(ends[-1]),
+                      group_list_type=group_list_type, dtype=xs.dtype))
+    return [_back(y, xs)]
+
+
+def moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
+    """CANN aclnnMoeTokenUnpermute: out[i] = sum_j probs[i, j] * T[S[i * topK + j]] (topK = probs.shape[1], 1
+    without probs), in fp32 with one rounding to the tokens' dtype. The documented formula multiplies every row,
+    so a non-finite row with probability 0 gives NaN (the kernel source skips such rows; the documents do not say
+    so, and the model takes the worst case)."""
+    assert not padded_mode and restore_shape is None, "padded_mode must be False (mindspore.ops.moe_token_unpermute)"
+    # dtypes: CANN aclnnMoeTokenUnpermute: tokens and probs bfloat16/float16/float32, every combination on Atlas A2/A3
+    # (op_host/moe_token_unpermute_def.cpp); MindSpore 2.10 InferType: sorted_indices int32
+    rule = "aclnnMoeTokenUnpermute / MindSpore MoeTokenUnpermute InferType"
+    if permuted_tokens.dtype not in _FLOATS:
+        raise KernelDtypeError(f"permuted_tokens dtype {permuted_tokens.dtype} not in {_FLOATS} ({rule})")
+    if probs is not None and probs.dtype not in _FLOATS:
+        raise KernelDtypeError(f"probs dtype {probs.dtype} not in {_FLOATS} ({rule})")
+    if sorted_indices.dtype != ms.int32:
+        raise KernelDtypeError(f"sorted_indices dtype {sorted_indices.dtype} must be int32 ({rule})")
+    t, s = _np(permuted_tokens), sorted_indices.asnumpy().astype(np.int64)
+    assert t.ndim == 2 and s.ndim == 1 and s.shape[0] == t.shape[0], \
+        f"permuted_tokens {t.shape} must be [N * topK, H] and sorted_indices {s.shape} [N * topK] ({rule})"
+    topk = 1 if probs is None else probs.shape[1]
+    assert topk <= 512 and s.shape[0] % topk == 0, f"topK {topk} (<= 512) must divide {s.shape[0]} ({rule})"
+    n = s.shape[0] // topk
+    p = np.ones((n, 1), np.float32) if probs is None else _np(probs)
+    assert p.shape == (n, topk), f"probs {p.shape} must be [N = {n}, topK = {topk}] ({rule})"
+    assert np.array_equal(np.sort(s), np.arange(s.shape[0])), \
+        "sorted_indices must be a permutation of [0, N * topK) (in range, no duplicates)"
+    with np.errstate(invalid="ignore"):
+        out = (t[s].reshape(n, topk, -1) * p[..., None]).sum(1)
+    CALLS.append(dict(kernel="moe_token_unpermute", tokens=t.shape, topk=topk, dtype=permuted_tokens.dtype,
+                      probs_dtype=_dt(probs)))
+    return _back(out, permuted_tokens)
+
+
 SIMS = dict(flash_attention_score=flash_attention_score, fused_infer_attention_score=fused_infer_attention_score,
             rms_norm=rms_norm, rotary_position_embedding=rotary_position_embedding, swiglu=swiglu,
-            weight_quant_batch_matmul=weight_quant_batch_matmul)
+            weight_quant_batch_matmul=weight_quant_batch_matmul, moe_init_routing_v2=moe_init_routing_v2,
+            grouped_matmul_v4=grouped_matmul_v4, moe_token_unpermute=moe_token_unpermute)
 
 
 @contextlib.contextmanager

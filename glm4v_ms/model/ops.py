@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, ops
-from mindspore.ops.auto_generate import weight_quant_batch_matmul
+from mindspore.ops.auto_generate import grouped_matmul_v4, weight_quant_batch_matmul
 
 _DEVICE = {"target": None}
 # Fused Ascend kernels on/off (on by default on Ascend). ``any_dtype`` lets NumPy models of the kernels (tests) run
@@ -39,6 +39,9 @@ _FUSED = {"on": False, "any_dtype": False}
 KERNELS = SimpleNamespace(
     flash_attention_score=ops.flash_attention_score,
     fused_infer_attention_score=ops.fused_infer_attention_score,
+    grouped_matmul_v4=grouped_matmul_v4,
+    moe_init_routing_v2=ops.moe_init_routing_v2,
+    moe_token_unpermute=ops.moe_token_unpermute,
     rms_norm=ops.rms_norm,
     rotary_position_embedding=ops.rotary_position_embedding,
     swiglu=ops.swiglu,
