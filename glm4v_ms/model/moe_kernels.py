@@ -6,7 +6,7 @@ experts [expert_start, expert_start + L) of E_total:
     out[n] = sum_k [ids[n, k] is local] * w[n, k] * f_e(x[n]),   e = ids[n, k] - expert_start
     f_e(x) = (silu(x @ w13[e][:, :I]) * (x @ w13[e][:, I:])) @ w2[e]
 
-with four kernel calls and no host synchronisation (every shape is static, so it traces into ``mindspore.jit``):
+with four kernels (five calls) and no host synchronisation (every shape is static, so it traces into ``mindspore.jit``):
 
 1. ``moe_init_routing_v2(x, ids, active_num=0, expert_capacity=0, expert_num=E_total, drop_pad_mode=0,
    expert_tokens_count_or_cumsum_flag=2, expert_tokens_before_capacity_flag=True)``: dropless routing. Sorts the N*K
@@ -24,7 +24,8 @@ with four kernel calls and no host synchronisation (every shape is static, so it
    probs=weights)``: ``out[n] = sum_k probs[n, k] * y[expanded_row_idx[n*K + k]]``, products and sum in fp32 with one
    rounding to y's dtype (CANN's kernel source), i.e. transformers' order (bf16 expert outputs, fp32 weights and
    accumulation, one cast at the end). The weights are passed in float32: CANN's op definition accepts float32 probs
-   with bfloat16 tokens, and MindSpore 2.10's type inference no longer restricts them (checked in the 2.10 wheel).
+   with bfloat16 tokens, and MindSpore 2.10's type inference accepts them (an older MindSpore wanted bfloat16 for
+   both; the jit test in tests/test_ascend_sim_moe.py runs 2.10's inference on exactly these dtypes).
 
 Expert parallelism (L < E_total), as mindformers' ExpertParallelMoE.moe_with_allgather and vllm-mindspore's
 FusedExperts.run_tp_mix_ep do it: ids are made local (ids - expert_start); every non-local id becomes E_total - 1,
@@ -35,10 +36,10 @@ the references use nan_to_num for the same reason), and the weights of non-local
 kernel then skips those rows). The caller all-reduces the ranks' partial outputs.
 
 Sources (read for the call arguments and semantics):
-- MindSpore 2.10 docstrings (installed wheel): mindspore.ops.moe_init_routing_v2, mindspore.ops.auto_generate.
-  grouped_matmul_v4 (Parameter limitations 1-3: split_item 3 / group_type 0 take one 2-D x, one 3-D weight [E, K, N]
-  and a 1-D int64 group_list of E entries; bf16 x/weight -> bf16; fp32 only in this single-tensor mode),
-  mindspore.ops.moe_token_unpermute, mindspore.ops.swiglu.
+- MindSpore 2.10 docstrings (installed wheel): mindspore.ops.moe_init_routing_v2,
+  mindspore.ops.auto_generate.grouped_matmul_v4 (Parameter limitations 1-3: split_item 3 / group_type 0 take one
+  2-D x, one 3-D weight [E, K, N] and a 1-D int64 group_list of E entries; bf16 x/weight -> bf16; fp32 only in this
+  single-tensor mode), mindspore.ops.moe_token_unpermute, mindspore.ops.swiglu.
 - CANN ops-transformer docs: aclnnMoeInitRoutingV2.md (expandedRowIdxOut[sortedRowIdx[i]] = i, expandedXOut[i] =
   x[sortedRowIdx[i] // k]), aclnnGroupedMatmulV4.md (group_list non-negative for groupListType 1, at most 1024
   groups), aclnnMoeTokenUnpermute.md (O[i] = sum_j T[S[i*topK + j]] * P[i][j]; indices without duplicates; topK
@@ -46,13 +47,17 @@ Sources (read for the call arguments and semantics):
   moe_token_unpermute.h (fp32 accumulation, zero-weight rows skipped).
 - vllm-mindspore vllm_mindspore/model_executor/layers/fused_moe/fused_moe.py (FusedExperts.run_tp, run_tp_mix_ep),
   mindformers mindformers/parallel_core/inference/transformer/moe/{moe_layer.py, experts.py} and
-  research/deepseek3/moe.py (ExpertParallelMoE.moe_with_allgather): the same call sequence and arguments.
+  research/deepseek3/moe.py (ExpertParallelMoE.moe_with_allgather): the same routing, grouped-matmul and unpermute
+  calls and arguments. They cast the weights to the tokens' dtype and apply silu(gate) * up with separate ops; here
+  the weights stay float32 (transformers' order) and swiglu is one kernel, as ops.swiglu is for the dense MLP.
 
-Not verified without an NPU (tools/ascend_check.py is where a device checks it): that the kernels behave as the
-documents say, in particular that the A2/A3 grouped matmul accepts group sizes summing to less than x's rows (CANN's
-A2/A3 table asks for equality; MindSpore's docstring and both reference code bases rely on "less or equal"), and that
-float32 probs with bfloat16 tokens pass MindSpore's Ascend adapter. tests/ascend_sim.py holds NumPy models of the
-four kernels; tests/test_ascend_sim_moe.py checks this function through them against the plain definition.
+Not verified without an NPU (no device check exists yet: tools/ascend_check.py should compare this function with
+the eager routed_experts on a device): that the kernels behave as the documents say, in particular that the A2/A3
+grouped matmul accepts group sizes summing to less than x's rows (CANN's A2/A3 table asks for equality; MindSpore's
+docstring and both reference code bases rely on "less or equal"), and that float32 probs with bfloat16 tokens pass
+MindSpore's Ascend adapter (MindSpore's type inference accepts them: tests/test_ascend_sim_moe.py traces the function
+under mindspore.jit up to kernel selection). tests/ascend_sim.py holds NumPy models of the four kernels, and
+tests/test_ascend_sim_moe.py checks this function through them against the plain definition.
 """
 
 from __future__ import annotations
