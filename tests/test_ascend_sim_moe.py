@@ -1,8 +1,8 @@
 """The Ascend routed-experts path (glm4v_ms/model/moe_kernels.py), verified on CPU with NumPy models of the MoE kernels
 (tests/ascend_sim.py): first each model against a plain formula of its documented semantics, then
 ``fused_routed_experts`` through the models against a plain NumPy reference of the routed-experts spec (fp32 and
-bf16), its host-sync freedom, and its trace under ``mindspore.jit`` up to kernel selection (where the CPU build
-stops: the kernels exist on Ascend only). What this cannot verify: that the real kernels behave as documented, bf16
+bf16), its host-sync freedom, its trace under ``mindspore.jit`` up to kernel selection (where the CPU build stops: the
+kernels exist on Ascend only), and the tiny MoE model with the fused path on against its eager path. What this cannot verify: that the real kernels behave as documented, bf16
 numerics on the NPU, and the compiled graph running (tools/ascend_check.py on a device)."""
 
 import numpy as np
@@ -12,7 +12,8 @@ from mindspore import Tensor
 
 import ascend_sim
 from ascend_sim import KernelDtypeError
-from reference import rel_err
+from conftest import record
+from reference import max_abs, rel_err
 from glm4v_ms.model import moe_kernels, ops
 
 TOL = 1e-5
@@ -328,3 +329,61 @@ def test_layout_errors_name_the_input():
         moe_kernels.fused_routed_experts(t[0], t[1], t[2], Tensor(w13[:8]), Tensor(w2[:8]), 12, 16)
     with pytest.raises(ValueError, match="topk_weights"):
         moe_kernels.fused_routed_experts(t[0], t[1], Tensor(weights[:, :1]), t[3], t[4], 0, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the MoE model (glm4v_moe) with the fused path on, through the kernel models, against its eager path
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    """The tiny GLM-4.5V-style model of tests/test_moe_parity.py (a dense first layer, then 2 MoE layers of 16
+    experts, top-4, group-limited routing, 2 shared experts), head_dim 32 (the attention kernels want multiples of
+    16). Its vision tower (head dim 12) is not run here: tests/test_ascend_sim.py covers the tower's fused path."""
+    from reference import build_moe_reference
+    from glm4v_ms import load_model
+
+    folder = str(tmp_path_factory.mktemp("moe_fused"))
+    build_moe_reference(folder, seed=3)
+    return load_model(folder)
+
+
+def _padded_text(seed):
+    from reference import _text, left_pad
+
+    rng = np.random.default_rng(seed)
+    return left_pad([_text(rng, 7), _text(rng, 13)])
+
+
+def test_moe_model_fused_path_equals_eager(moe_model):
+    """Prefill of a left-padded batch: every MoE layer's routed experts go through the four kernels (the attention,
+    norms and rotary through theirs) and the logits equal the eager path's."""
+    ids, mask = _padded_text(11)
+    eager = moe_model(input_ids=ids, attention_mask=mask).logits.asnumpy()
+    with ascend_sim.simulated_kernels() as calls:
+        fused = moe_model(input_ids=ids, attention_mask=mask).logits.asnumpy()
+    text = moe_model.config.text
+    moe_layers = text.num_hidden_layers - text.first_k_dense_replace
+    assert sum(c["kernel"] == "moe_token_unpermute" for c in calls) == moe_layers > 0
+    assert all(c["x"] == (ids.size, text.hidden_size) for c in calls if c["kernel"] == "moe_init_routing_v2")
+    rows = mask.astype(bool)
+    rel = rel_err(fused[rows], eager[rows])
+    record("fused sim: MoE padded text", "logits", rel, max_abs(fused[rows], eager[rows]))
+    assert rel <= TOL, rel
+
+
+def test_moe_model_fused_greedy_decode_equals_eager(moe_model):
+    """12 greedy tokens of a left-padded batch: prefill and every decode step (N = 2 tokens, top-4 of 16 experts)
+    through the kernel models give the eager path's tokens."""
+    from glm4v_ms import generate
+
+    ids, mask = _padded_text(12)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], do_sample=False, mode="eager")
+    want = generate(moe_model, **kw)
+    with ascend_sim.simulated_kernels() as calls:
+        got = generate(moe_model, **kw)
+    np.testing.assert_array_equal(got, want)
+    text = moe_model.config.text
+    steps = [c["x"][0] for c in calls if c["kernel"] == "moe_init_routing_v2"]
+    assert len(steps) == 12 * (text.num_hidden_layers - text.first_k_dense_replace)
+    assert steps.count(ids.shape[0]) == 11 * (text.num_hidden_layers - text.first_k_dense_replace)  # decode steps
