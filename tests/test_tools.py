@@ -27,7 +27,8 @@ def test_ascend_check_dry_run_on_cpu():
     for stage in ("vision.features", "prefill.logits", "decode.logits", "memory bandwidth", "tokens/s",
                   "weight_quant int4 group 128 bias act-order", "weight_quant int8 group 128 bias",
                   "padded.eager hidden states finite", "padded.eager row 1 logits", "padded.graph row 0 prefill logits",
-                  "padded.graph decode logits finite", "rotary B16 kv-heads 1 S1", "rotary B16 kv-heads 1 S8"):
+                  "padded.graph decode logits finite", "rotary B16 kv-heads 1 S1", "rotary B16 kv-heads 1 S8",
+                  "routed_experts N1 experts 0-15 of 16 graph", "routed_experts N37 experts 8-15 of 16 eager"):
         assert stage in p.stdout, stage
     assert "FAILED" not in p.stdout + p.stderr and "4/4" in p.stdout
 
@@ -55,6 +56,7 @@ def test_ascend_check_names_every_failed_check(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("FAILED: vision.features, prefill.logits, decode.logits, weight_quant int4 group 128")
     assert "padded.graph row 1 prefill logits" in err and "rotary B16 kv-heads 1 S8" in err
+    assert "routed_experts N37 experts 8-15 of 16 graph" in err
 
 
 def test_set_device_ascend_applies_the_checked_configuration(monkeypatch):

@@ -14,10 +14,12 @@ logits) and how many greedy tokens agree. Then the call sites review could not s
   a layer with a bias in the compute dtype, act-order) against numpy;
 - a left-padded batch of 2 through the fused prefill (PyNative and the compiled graph, then decode steps): every
   output finite and each row equal to the row run alone;
-- the decoder's rotary call with the shapes of a tensor-parallel rank (one KV head, batch 16, decode and prefill).
+- the decoder's rotary call with the shapes of a tensor-parallel rank (one KV head, batch 16, decode and prefill);
+- a MoE layer's routed experts (moe_init_routing_v2, grouped_matmul_v4, swiglu, moe_token_unpermute) eagerly and
+  in a graph, all experts local and as an expert-parallel rank, against the fp32 eager form.
 Finally a device memory-bandwidth microbenchmark and decode tokens/s (of ``--model`` if given, else of the tiny
 model). Exits 1 naming every check above its tolerance (bf16 vs fp32: vision features 3e-2, logits 5e-2; weight-quant
-matmul and rotary 2e-2; non-finite values always fail), 2 without an NPU or for bad arguments.
+matmul, rotary and routed experts 2e-2; non-finite values always fail), 2 without an NPU or for bad arguments.
 
 ``--allow_cpu`` runs the same script on CPU in fp32 with the fused kernels off: a dry run of this tool that
 verifies nothing about Ascend.
@@ -40,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TOLERANCE = {"vision.features": 3e-2, "prefill.logits": 5e-2, "decode.logits": 5e-2, "weight_quant": 2e-2,
-             "padded": 5e-2, "rotary": 2e-2}
+             "padded": 5e-2, "rotary": 2e-2, "routed_experts": 2e-2}
 
 
 def rel(a, b) -> float:
@@ -213,6 +215,35 @@ def rotary_tp_errors(ms, dtype, fused: bool) -> dict:
     return out
 
 
+def routed_experts_errors(ms, dtype, fused: bool) -> dict:
+    """A MoE layer's routed experts (moe_ops.routed_experts; fused: moe_kernels.fused_routed_experts) in PyNative and
+    compiled with mindspore.jit, against the fp32 eager form with the fused kernels off: a decode step (1 token) and a
+    prefill (37 tokens), top-8 of 16 experts, all local, and as an expert-parallel rank holding experts 8..15 (the
+    grouped matmuls then compute only the local rows, and the rows after them must not reach the output)."""
+    from mindspore import Tensor
+    from glm4v_ms.model import moe_ops, ops
+
+    rng = np.random.default_rng(4)
+    h, inner, k, total = 128, 64, 8, 16
+    eager_fn, graph_fn = moe_ops.routed_experts, ms.jit(moe_ops.routed_experts)
+    out = {}
+    for n, start, local in ((1, 0, 16), (37, 0, 16), (37, 8, 8)):
+        x = rng.standard_normal((n, h)).astype(np.float32)
+        ids = np.stack([rng.permutation(total)[:k] for _ in range(n)]).astype(np.int32)
+        w = rng.random((n, k)).astype(np.float32)
+        w13 = (rng.standard_normal((local, h, 2 * inner)) / np.sqrt(h)).astype(np.float32)
+        w2 = (rng.standard_normal((local, inner, h)) / np.sqrt(inner)).astype(np.float32)
+        ops.set_fused(False)
+        ref = eager_fn(*(Tensor(a) for a in (x, ids, w, w13, w2)), start, total).asnumpy()
+        ops.set_fused(fused)
+        args = (Tensor(x).astype(dtype), Tensor(ids), Tensor(w), Tensor(w13).astype(dtype), Tensor(w2).astype(dtype))
+        name = f"routed_experts N{n} experts {start}-{start + local - 1} of {total}"
+        out[f"{name} eager"] = rel(eager_fn(*args, start, total).astype(ms.float32).asnumpy(), ref)
+        with ops.graph_trace():  # off Ascend (the dry run), the static form is traced
+            out[f"{name} graph"] = rel(graph_fn(*args, start, total).astype(ms.float32).asnumpy(), ref)
+    return out
+
+
 def decode_speed(model, tokens: int) -> float:
     from glm4v_ms.runtime.generation import StepStats, generate
 
@@ -298,6 +329,7 @@ def main(argv=None) -> int:
     ops.set_fused(fused)
     errors.update(padded_batch_errors(ms, fast, n))
     errors.update(rotary_tp_errors(ms, fast_dtype, fused))
+    errors.update(routed_experts_errors(ms, fast_dtype, fused))
     ops.set_fused(fused)
     print(f"device: {ops.device_target()}  fast path: {fast_dtype}, fused kernels {'on' if fused else 'off'}, graph; "
           f"jit_config {ms.get_context('jit_config') or '{}'}")
