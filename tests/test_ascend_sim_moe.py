@@ -1,9 +1,10 @@
 """The Ascend routed-experts path (glm4v_ms/model/moe_kernels.py), verified on CPU with NumPy models of the MoE kernels
 (tests/ascend_sim.py): first each model against a plain formula of its documented semantics, then
 ``fused_routed_experts`` through the models against a plain NumPy reference of the routed-experts spec (fp32 and
-bf16), its host-sync freedom, its trace under ``mindspore.jit`` up to kernel selection (where the CPU build stops: the
-kernels exist on Ascend only), and the tiny MoE model with the fused path on against its eager path. What this cannot verify: that the real kernels behave as documented, bf16
-numerics on the NPU, and the compiled graph running (tools/ascend_check.py on a device)."""
+bf16), its host-sync freedom, its trace under ``mindspore.jit`` up to kernel selection (where the CPU build stops:
+the kernels exist on Ascend only), and the tiny MoE model with the fused path on against its eager path. What this
+cannot verify: that the real kernels behave as documented, bf16 numerics on the NPU, and the compiled graph running
+(tools/ascend_check.py on a device)."""
 
 import numpy as np
 import pytest

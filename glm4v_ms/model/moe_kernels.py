@@ -51,14 +51,14 @@ Sources (read for the call arguments and semantics):
   calls and arguments. They cast the weights to the tokens' dtype and apply silu(gate) * up with separate ops; here
   the weights stay float32 (transformers' order) and swiglu is one kernel, as ops.swiglu is for the dense MLP.
 
-Not verified without an NPU (tools/ascend_check.py checks it on a device against the fp32 eager routed_experts,
-in PyNative and compiled, all experts local and as an expert-parallel rank): that the kernels behave as the documents
-say, in particular that the A2/A3
-grouped matmul accepts group sizes summing to less than x's rows (CANN's A2/A3 table asks for equality; MindSpore's
-docstring and both reference code bases rely on "less or equal"), and that float32 probs with bfloat16 tokens pass
-MindSpore's Ascend adapter (MindSpore's type inference accepts them: tests/test_ascend_sim_moe.py traces the function
-under mindspore.jit up to kernel selection). tests/ascend_sim.py holds NumPy models of the four kernels, and
-tests/test_ascend_sim_moe.py checks this function through them against the plain definition.
+Not verified without an NPU (tools/ascend_check.py checks it on a device against the fp32 eager routed_experts, in
+PyNative and compiled, all experts local and as an expert-parallel rank): that the kernels behave as the documents
+say, in particular that the A2/A3 grouped matmul accepts group sizes summing to less than x's rows (CANN's A2/A3
+table asks for equality; MindSpore's docstring and both reference code bases rely on "less or equal"), and that
+float32 probs with bfloat16 tokens pass MindSpore's Ascend adapter (MindSpore's type inference accepts them:
+tests/test_ascend_sim_moe.py traces the function under mindspore.jit up to kernel selection). tests/ascend_sim.py
+holds NumPy models of the four kernels, and tests/test_ascend_sim_moe.py checks this function through them against
+the plain definition.
 """
 
 from __future__ import annotations
