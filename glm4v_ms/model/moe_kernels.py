@@ -50,6 +50,10 @@ Sources (read for the call arguments and semantics):
   research/deepseek3/moe.py (ExpertParallelMoE.moe_with_allgather): the same routing, grouped-matmul and unpermute
   calls and arguments. They cast the weights to the tokens' dtype and apply silu(gate) * up with separate ops; here
   the weights stay float32 (transformers' order) and swiglu is one kernel, as ops.swiglu is for the dense MLP.
+- vllm-ascend vllm_ascend/ops/fused_moe/token_dispatcher.py (TokenDispatcherWithAllGather: torch_npu's routing
+  with active_expert_range, which MindSpore 2.10's moe_init_routing_v2 lacks, then the local experts' counts as
+  group sizes and token_unpermute with the non-local weights zeroed) and moe_comm_method.py (token_unpermute chosen
+  over moe_finalize_routing, which they found inaccurate).
 
 Not verified without an NPU (tools/ascend_check.py checks it on a device against the fp32 eager routed_experts, in
 PyNative and compiled, all experts local and as an expert-parallel rank): that the kernels behave as the documents
