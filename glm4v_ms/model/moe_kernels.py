@@ -58,7 +58,7 @@ Sources (read for the call arguments and semantics):
 Not verified without an NPU (tools/ascend_check.py checks it on a device against the fp32 eager routed_experts, in
 PyNative and compiled, all experts local and as an expert-parallel rank): that the kernels behave as the documents
 say, in particular that the A2/A3 grouped matmul accepts group sizes summing to less than x's rows (CANN's A2/A3
-table asks for equality; MindSpore's docstring and both reference code bases rely on "less or equal"), and that
+table asks for equality; MindSpore's docstring and the three reference code bases rely on "less or equal"), and that
 float32 probs with bfloat16 tokens pass MindSpore's Ascend adapter (MindSpore's type inference accepts them:
 tests/test_ascend_sim_moe.py traces the function under mindspore.jit up to kernel selection). tests/ascend_sim.py
 holds NumPy models of the four kernels, and tests/test_ascend_sim_moe.py checks this function through them against
