@@ -281,15 +281,17 @@ def test_no_host_sync(monkeypatch):
     x, ids, weights, w13, w2 = _problem(37, 8, 16, seed=8)
     args = [Tensor(x), Tensor(ids), Tensor(weights), Tensor(w13[8:]), Tensor(w2[8:])]  # EP: the mask path too
     with ascend_sim.simulated_kernels():
-        for name in ascend_sim.SIMS:
-            monkeypatch.setattr(ops.KERNELS, name, in_kernel(getattr(ops.KERNELS, name)))
-        for name in ("asnumpy", "item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-            if hasattr(Tensor, name):
-                monkeypatch.setattr(Tensor, name, host_read(name, getattr(Tensor, name)))
-        with pytest.raises(AssertionError, match="host read"):
-            args[0].asnumpy()  # the guard is live
-        out = moe_kernels.fused_routed_experts(*args, 8, 16)
-        monkeypatch.undo()
+        for name in ascend_sim.SIMS:  # simulated_kernels() puts the real kernels back on exit
+            setattr(ops.KERNELS, name, in_kernel(getattr(ops.KERNELS, name)))
+        try:
+            for name in ("asnumpy", "item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+                if hasattr(Tensor, name):
+                    monkeypatch.setattr(Tensor, name, host_read(name, getattr(Tensor, name)))
+            with pytest.raises(AssertionError, match="host read"):
+                args[0].asnumpy()  # the guard is live
+            out = moe_kernels.fused_routed_experts(*args, 8, 16)
+        finally:
+            monkeypatch.undo()
     want = eager_routed_experts_reference(x, ids, weights, w13[8:], w2[8:], 8)
     assert rel_err(out.asnumpy(), want) <= TOL
 
@@ -309,8 +311,9 @@ def test_traces_into_jit_up_to_kernel_selection(fn, local, tmp_path, monkeypatch
     """Under mindspore.jit on CPU with the real kernels: MindSpore parses the function and infers every op's type and
     shape (the MoE kernels' own InferShape/InferType included: bf16 tokens with fp32 probs, int32 indices, the
     functional moe_init_routing_v2's three outputs) before any kernel is selected; compilation then stops at the
-    first Ascend-only kernel. A host read, a shape that depends on data, or a dtype MindSpore refuses would fail
-    earlier with another error."""
+    first Ascend-only kernel. A dtype or shape MindSpore's inference refuses, or a wrong number of outputs (the
+    functional moe_init_routing_v2 returns three here, not the primitive's four), fails earlier with another error.
+    (Graph mode turns int(tensor) into a graph op, so host reads are test_no_host_sync's concern.)"""
     monkeypatch.chdir(tmp_path)  # a failed compile may write rank_0/ into the working directory
     x, ids, weights, w13, w2 = _problem(5, 8, 16, seed=9)
     args = [Tensor(x).astype(ms.bfloat16), Tensor(ids), Tensor(weights), Tensor(w13[:local]).astype(ms.bfloat16),
