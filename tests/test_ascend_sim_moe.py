@@ -315,6 +315,7 @@ def test_traces_into_jit_up_to_kernel_selection(fn, local, tmp_path, monkeypatch
     functional moe_init_routing_v2 returns three here, not the primitive's four), fails earlier with another error.
     (Graph mode turns int(tensor) into a graph op, so host reads are test_no_host_sync's concern.)"""
     monkeypatch.chdir(tmp_path)  # a failed compile may write rank_0/ into the working directory
+    assert ops.KERNELS.moe_init_routing_v2 is ms.ops.moe_init_routing_v2, "the real kernels must be in place"
     x, ids, weights, w13, w2 = _problem(5, 8, 16, seed=9)
     args = [Tensor(x).astype(ms.bfloat16), Tensor(ids), Tensor(weights), Tensor(w13[:local]).astype(ms.bfloat16),
             Tensor(w2[:local]).astype(ms.bfloat16)]
