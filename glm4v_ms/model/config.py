@@ -120,7 +120,8 @@ class TextConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TextConfig":
         d = dict(d)
-        d.pop("tp_size", None)  # set by parallel.py only, never read from a file
+        for key in ("tp_size", "ep_size", "ep_rank"):  # set by parallel.py only, never read from a file
+            d.pop(key, None)
         # rope: 4.x -> rope_scaling {type|rope_type, mrope_section} + top-level rope_theta / partial_rotary_factor;
         #       5.x -> rope_parameters {rope_type, rope_theta, partial_rotary_factor, mrope_section}.
         for key in ("rope_parameters", "rope_scaling"):
@@ -129,16 +130,14 @@ class TextConfig:
                 continue
             if not isinstance(rope, dict):
                 raise ValueError(f"config field '{key}': expected a JSON object, got {type(rope).__name__}")
-            if "mrope_section" in rope:
-                d.setdefault("mrope_section", rope["mrope_section"])
-            for sub in ("rope_theta", "partial_rotary_factor"):
+            for sub in ("mrope_section", "rope_theta", "partial_rotary_factor"):
                 if sub in rope:
                     d.setdefault(sub, rope[sub])
             rtype = rope.get("rope_type", rope.get("type"))
             if rtype is not None:
                 d.setdefault("rope_type", rtype)
         if d.get("partial_rotary_factor") is None:
-            d["partial_rotary_factor"] = 1.0
+            d.pop("partial_rotary_factor", None)  # the class default (1.0; GLM-4.5V's 0.5), as transformers'
         eos = d.get("eos_token_id")
         if isinstance(eos, int) and not isinstance(eos, bool):
             d["eos_token_id"] = [eos]
@@ -147,17 +146,20 @@ class TextConfig:
             v = getattr(cfg, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"text_config.{name}",
                    f"must be a positive integer, got {v!r}")
-        _check(cfg.hidden_size % cfg.num_attention_heads == 0, "text_config.hidden_size",
-               f"{cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
-        # GLM-4.1V's attention derives head_dim = hidden_size / num_attention_heads (an explicit head_dim is a
-        # GLM-4.5V field); a file that says otherwise describes a different model.
-        derived = cfg.hidden_size // cfg.num_attention_heads
-        _check(cfg.head_dim in (None, derived), "text_config.head_dim",
-               f"{cfg.head_dim} differs from hidden_size / num_attention_heads = {derived}, which GLM-4.1V uses")
-        cfg.head_dim = derived
+        cfg.head_dim = cfg.resolve_head_dim()
         cfg.mrope_section = list(cfg.mrope_section) if cfg.mrope_section is not None else None
         cfg.validate()
         return cfg
+
+    def resolve_head_dim(self) -> int:
+        _check(self.hidden_size % self.num_attention_heads == 0, "text_config.hidden_size",
+               f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        # GLM-4.1V's attention derives head_dim = hidden_size / num_attention_heads (an explicit head_dim is a
+        # GLM-4.5V field); a file that says otherwise describes a different model.
+        derived = self.hidden_size // self.num_attention_heads
+        _check(self.head_dim in (None, derived), "text_config.head_dim",
+               f"{self.head_dim} differs from hidden_size / num_attention_heads = {derived}, which GLM-4.1V uses")
+        return derived
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -234,41 +236,13 @@ class MoeTextConfig(TextConfig):
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_k_dense_replace
 
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "MoeTextConfig":
-        d = dict(d)
-        for k in ("tp_size", "ep_size", "ep_rank"):  # set by parallel.py only, never read from a file
-            d.pop(k, None)
-        for key in ("rope_parameters", "rope_scaling"):
-            rope = d.get(key)
-            if rope is None:
-                continue
-            if not isinstance(rope, dict):
-                raise ValueError(f"config field '{key}': expected a JSON object, got {type(rope).__name__}")
-            for sub in ("mrope_section", "rope_theta", "partial_rotary_factor"):
-                if sub in rope:
-                    d.setdefault(sub, rope[sub])
-            rtype = rope.get("rope_type", rope.get("type"))
-            if rtype is not None:
-                d.setdefault("rope_type", rtype)
-        if d.get("partial_rotary_factor") is None:
-            d.pop("partial_rotary_factor", None)  # the class default (0.5), as transformers' Glm4vMoeTextConfig
-        eos = d.get("eos_token_id")
-        if isinstance(eos, int) and not isinstance(eos, bool):
-            d["eos_token_id"] = [eos]
-        cfg = cls(**_pick(cls, d))
-        for name in ("hidden_size", "num_attention_heads"):
-            v = getattr(cfg, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"text_config.{name}",
-                   f"must be a positive integer, got {v!r}")
-        if cfg.head_dim is None:  # the reference: getattr(config, "head_dim", hidden_size // num_attention_heads)
-            _check(cfg.hidden_size % cfg.num_attention_heads == 0, "text_config.hidden_size",
-                   f"{cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}; give "
-                   "head_dim explicitly")
-            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        cfg.mrope_section = list(cfg.mrope_section) if cfg.mrope_section is not None else None
-        cfg.validate()
-        return cfg
+    def resolve_head_dim(self) -> int:
+        if self.head_dim is not None:  # the reference: getattr(config, "head_dim", hidden_size // num_attention_heads)
+            return self.head_dim
+        _check(self.hidden_size % self.num_attention_heads == 0, "text_config.hidden_size",
+               f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; give "
+               "head_dim explicitly")
+        return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
         super().validate()

@@ -38,6 +38,16 @@ def resolve_dtype(dtype) -> Any:
     return dtype
 
 
+def read_folder_config(folder, quantized_weights: str = "auto"):
+    """from_pretrained's argument checks: (folder as str, its Glm4vConfig); errors name the folder or the value."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    if quantized_weights not in ("auto", "dequantize", "int"):
+        raise ValueError(f"quantized_weights must be 'auto', 'dequantize' or 'int', got {quantized_weights!r}")
+    return folder, Glm4vConfig.from_pretrained(folder)
+
+
 @dataclass
 class Glm4vOutput:
     logits: Tensor                       # [B, S or logits_to_keep, vocab]
@@ -96,12 +106,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
         ``progress`` (silent when None): ``progress(total_bytes)`` returns an object told of each tensor read, e.g.
         ``lambda n: glm4v_ms.progress.Progress(n, unit="B", desc="loading")`` (see weights.load_weights)."""
-        folder = os.fspath(folder)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"model folder not found: {folder}")
-        if quantized_weights not in ("auto", "dequantize", "int"):
-            raise ValueError(f"quantized_weights must be 'auto', 'dequantize' or 'int', got {quantized_weights!r}")
-        config = Glm4vConfig.from_pretrained(folder)
+        folder, config = read_folder_config(folder, quantized_weights)
         if config.is_moe:
             raise ValueError(f"{folder} holds GLM-4.5V / GLM-4.6V (model_type 'glm4v_moe', a mixture of experts): load it "
                              "with Glm4vMoeForConditionalGeneration, or glm4v_ms.load_model, which picks the class")

@@ -21,7 +21,6 @@ folders (the HF folder loads directly).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -29,7 +28,7 @@ import mindspore as ms
 
 from .config import Glm4vConfig, MoeTextConfig
 from .generation_config import GenerationConfig
-from .glm4v import Glm4vForConditionalGeneration
+from .glm4v import Glm4vForConditionalGeneration, read_folder_config
 from .parallel import TPContext, check_divisible_moe
 from .rope import neox_layout_permutation
 from .text_moe import Glm4vMoeTextModel
@@ -55,12 +54,7 @@ class Glm4vMoeForConditionalGeneration(Glm4vForConditionalGeneration):
         """Load a GLM-4.5V / GLM-4.6V Hugging Face folder (config.json + safetensors). ``tensor_parallel``: a
         parallel.TPContext (its tp_size / ep_size) to build and read only this rank's part; ``progress`` as for the
         dense model. ``quantized_weights`` exists for the dense API's sake: quantised MoE checkpoints are refused."""
-        folder = os.fspath(folder)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"model folder not found: {folder}")
-        if quantized_weights not in ("auto", "dequantize", "int"):
-            raise ValueError(f"quantized_weights must be 'auto', 'dequantize' or 'int', got {quantized_weights!r}")
-        config = Glm4vConfig.from_pretrained(folder)
+        folder, config = read_folder_config(folder, quantized_weights)
         if not config.is_moe:
             raise ValueError(f"{folder} holds a dense GLM-V model (model_type {config.model_type!r}); load it with "
                              "Glm4vForConditionalGeneration (glm4v_ms.load_model picks the class)")
