@@ -32,8 +32,8 @@ def parse_args(argv=None):
         sys.exit(2)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_name", default="tiny-random",
-                    help="a GLM-4.1V / GLM-4.6V-Flash folder, a hub id (downloaded when online), or tiny-random / "
-                         "tiny-random-4.6v (built-in, random)")
+                    help="a GLM-4.1V / GLM-4.6V-Flash / GLM-4.5V / GLM-4.6V folder, a hub id (downloaded when "
+                         "online), or tiny-random / tiny-random-4.6v / tiny-random-4.5v (built-in, random)")
     ap.add_argument("--image", action="append", default=[], help="image path / URL (repeatable)")
     ap.add_argument("--video", help="video path / URL")
     ap.add_argument("--pdf", "--doc", dest="pdf", metavar="DOCUMENT",

@@ -135,14 +135,14 @@ def worker_ours(folder: str, mode: str, batch: int, new: int, threads: int, repe
     """Prefill = the session's prefill call (ViT, decoder prefill, first token on the host); decode = the time from
     there to the last token, for new - 1 steps (runtime.generation.StepStats)."""
     import mindspore as ms
-    from glm4v_ms import Glm4vForConditionalGeneration
+    from glm4v_ms import load_model
     from glm4v_ms.model import ops
     from glm4v_ms.runtime.generation import StepStats, generate
 
     ops.set_device("CPU")
     ms.device_context.cpu.op_tuning.threads_num(threads)  # the CPU kernels' thread pool, like torch.set_num_threads
     t = time.perf_counter()
-    model = Glm4vForConditionalGeneration.from_pretrained(folder)
+    model = load_model(folder)  # the class config.json names (dense or glm4v_moe)
     load_s = time.perf_counter() - t
     x = inputs(config_dict_of(folder), batch)
     runs = []
@@ -162,12 +162,15 @@ def worker_torch(folder: str, attn: str, batch: int, new: int, threads: int, rep
     to the first token chosen (a stopping criterion sees every new token); decode = from there to the last token,
     for new - 1 steps. ``attn``: "default" (what transformers picks by itself: sdpa) or an attn_implementation."""
     import torch
-    from transformers import Glm4vForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+    import transformers
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
     kw = {} if attn == "default" else dict(attn_implementation=attn)
-    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+    moe = config_dict_of(folder).get("model_type") == "glm4v_moe"
+    cls = transformers.Glm4vMoeForConditionalGeneration if moe else transformers.Glm4vForConditionalGeneration
+    model = cls.from_pretrained(folder, dtype=torch.float32, **kw).eval()
     load_s = time.perf_counter() - t
     x = {k: torch.tensor(v) for k, v in inputs(config_dict_of(folder), batch).items()}
     marks: list = []

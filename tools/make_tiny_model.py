@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Create a tiny random GLM-4.1V checkpoint folder (HF layout) offline, in seconds.
+"""Create a tiny random GLM-V checkpoint folder (HF layout: GLM-4.1V, GLM-4.6V-Flash or GLM-4.5V) offline, in seconds.
 
-    python tools/make_tiny_model.py DIR [--seed 0] [--force] [--variant 4.1v|4.6v]
+    python tools/make_tiny_model.py DIR [--seed 0] [--force] [--variant 4.1v|4.6v|4.5v]
 
 Its weights are random: the model runs the full pipeline but produces random text.
 """
@@ -18,8 +18,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true",
                     help="replace the folder if it exists and is a model folder (has config.json) or empty")
-    ap.add_argument("--variant", choices=("4.1v", "4.6v"), default="4.1v",
-                    help="4.6v: GLM-4.6V-Flash's token ids, tool-calling template, context and processor files")
+    ap.add_argument("--variant", choices=("4.1v", "4.6v", "4.5v"), default="4.1v",
+                    help="4.6v: GLM-4.6V-Flash's token ids, tool-calling template, context and processor files; "
+                         "4.5v: a GLM-4.5V (mixture-of-experts decoder, glm4v_moe) with 4.5V's token ids")
     args = ap.parse_args(argv)
     from glm4v_ms.apps.tiny import make_tiny_model
 

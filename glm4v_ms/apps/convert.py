@@ -345,6 +345,10 @@ def _read_config(src: str) -> Tuple[dict, Glm4vConfig]:
     if config.converted:
         raise ValueError(f"SRC {src} is already a converted glm4v_ms folder; load it directly with from_pretrained "
                          f"(its config.json has the '{LAYOUT_KEY}' layout marker): there is nothing to convert")
+    if config.is_moe:
+        raise ValueError(f"SRC {src} holds a GLM-4.5V / GLM-4.6V mixture-of-experts model (model_type glm4v_moe), "
+                         "which tools/convert.py does not convert: MoE folders load directly from the Hugging Face "
+                         "layout (pass SRC itself to generate.py / from_pretrained)")
     if config.quantization is not None:
         method = config.quantization.get("quant_method")
         raise ValueError(f"SRC {src} is a quantised checkpoint (its config.json has quantization_config, quant_method "

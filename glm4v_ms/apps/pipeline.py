@@ -76,7 +76,7 @@ class Glm4vPipeline:
         graph compile (progress.Progress and progress.StepLog: redrawn on a terminal, one line per event in a log).
         Silent by default."""
         from ..model import ops
-        from ..model.glm4v import Glm4vForConditionalGeneration
+        from ..model.loading import load_model
         from ..progress import Progress, StepLog
 
         t0 = time.perf_counter()
@@ -94,7 +94,8 @@ class Glm4vPipeline:
         # Tokenizer, template and processor configs first: a broken file costs seconds, not a whole model load.
         processor = load_processor(folder, media_options)
         try:
-            model = Glm4vForConditionalGeneration.from_pretrained(
+            # the class config.json names: GLM-4.1V / GLM-4.6V-Flash, or GLM-4.5V / GLM-4.6V (glm4v_moe)
+            model = load_model(
                 folder, dtype=dtype, quantized_weights=quantized_weights,
                 tensor_parallel=tensor_parallel if tensor_parallel is not None and tensor_parallel.enabled else None,
                 progress=bar if progress else None)

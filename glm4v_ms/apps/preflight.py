@@ -14,7 +14,8 @@ from ..processing.media import MediaOptions
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_46V = "tiny-random-4.6v"  # the same with GLM-4.6V-Flash's files (token ids, tools template, configs)
-_TINY = {TINY_RANDOM: "4.1v", TINY_RANDOM_46V: "4.6v"}
+TINY_RANDOM_45V = "tiny-random-4.5v"  # a tiny GLM-4.5V: the mixture-of-experts decoder (glm4v_moe), 4.5V's ids
+_TINY = {TINY_RANDOM: "4.1v", TINY_RANDOM_46V: "4.6v", TINY_RANDOM_45V: "4.5v"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,7 +59,7 @@ def resolve_model(name: str) -> str:
                 "its folder"
             ) from None
     raise ModelNotFoundError(f"model folder not found: {name} (pass a GLM-V folder, a hub id like "
-                             "zai-org/GLM-4.1V-9B-Thinking, or tiny-random / tiny-random-4.6v)")
+                             "zai-org/GLM-4.1V-9B-Thinking, or tiny-random / tiny-random-4.6v / tiny-random-4.5v)")
 
 
 class ModelFolderError(ValueError):

@@ -32,32 +32,54 @@ TINY_VISION = {
 # GLM-4.6V-Flash's differences that live in the files: a 128K context (the hub lists 131072 positions) and the
 # image processor's size form. The tiny model keeps a small rope theta: its positions stay short.
 TINY_46V_TEXT = {"max_position_embeddings": 131072}
-VARIANTS = ("4.1v", "4.6v")
+# GLM-4.5V (glm4v_moe, the mixture-of-experts decoder, transformers 4.57's Glm4vMoeTextConfig fields), scaled down
+# so that every MoE path runs: layer 0 dense (first_k_dense_replace 1), layer 1 a mixture of 8 routed experts in
+# 2 groups of which the router keeps 1 (n_group 2, topk_group 1), top 2, 2 shared experts, a non-zero
+# e_score_correction_bias (random, in the weights). 65536 positions as GLM-4.5V's config.json.
+TINY_45V_TEXT = {
+    "model_type": "glm4v_moe_text", "head_dim": 32, "max_position_embeddings": 65536, "moe_intermediate_size": 32,
+    "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 2, "n_group": 2, "topk_group": 1,
+    "first_k_dense_replace": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+}
+VARIANTS = ("4.1v", "4.6v", "4.5v")
 
 
 def tiny_config(vocab_size: int, token_ids: Dict, variant: str = "4.1v") -> Dict:
     """config.json of the tiny model (nested 4.57 layout); token ids come from its tokenizer."""
+    extra = {"4.6v": TINY_46V_TEXT, "4.5v": TINY_45V_TEXT}.get(variant, {})
     text = dict(TINY_TEXT, vocab_size=vocab_size, pad_token_id=token_ids["pad_token_id"],
-                eos_token_id=list(token_ids["eos_token_id"]), **(TINY_46V_TEXT if variant == "4.6v" else {}))
+                eos_token_id=list(token_ids["eos_token_id"]), **extra)
     top = {k: token_ids[k] for k in ("image_token_id", "video_token_id", "image_start_token_id",
                                      "image_end_token_id", "video_start_token_id", "video_end_token_id")}
-    return dict({"architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v",
-                 "tie_word_embeddings": False, "torch_dtype": "float32", "text_config": text,
-                 "vision_config": dict(TINY_VISION)}, **top)
+    moe = variant == "4.5v"
+    return dict({"architectures": ["Glm4vMoeForConditionalGeneration" if moe else "Glm4vForConditionalGeneration"],
+                 "model_type": "glm4v_moe" if moe else "glm4v", "tie_word_embeddings": False,
+                 "torch_dtype": "float32", "text_config": text,
+                 "vision_config": dict(TINY_VISION, model_type="glm4v_moe" if moe else "glm4v")}, **top)
+
+
+def checkpoint_shapes(config_dict: Dict) -> Dict[str, tuple]:
+    """Name -> shape of every tensor of the Hugging Face checkpoint of the model ``config_dict`` describes. Dense
+    models: our parameters (their names and shapes are the checkpoint's). MoE models: the checkpoint's per-expert
+    and separate gate / up tensors, as the loader expects them (Glm4vMoeForConditionalGeneration.checkpoint_plan),
+    not our fused parameters."""
+    from ..model.config import Glm4vConfig
+    from ..model.loading import model_class
+
+    config = Glm4vConfig.from_dict(config_dict)
+    model = model_class(config)(config)  # lazy: allocates nothing
+    if config.is_moe:
+        return dict(model.checkpoint_plan()[1])
+    return {name: tuple(p.shape) for name, p in model.parameters_and_names()}
 
 
 def random_weights(config_dict: Dict, seed: int = 0) -> Dict[str, np.ndarray]:
-    """Random weights for every parameter of the model ``config_dict`` describes (names/shapes from our model,
-    which equals the checkpoint layout): 1/sqrt(fan_in) matrices, norm weights near 1, small biases, a
-    unit-variance position table."""
-    from ..model.config import Glm4vConfig
-    from ..model.glm4v import Glm4vForConditionalGeneration
-
-    model = Glm4vForConditionalGeneration(Glm4vConfig.from_dict(config_dict))  # lazy: allocates nothing
+    """Random weights for every tensor of the checkpoint of the model ``config_dict`` describes
+    (``checkpoint_shapes``): 1/sqrt(fan_in) matrices, norm weights near 1, small biases (the MoE router's
+    e_score_correction_bias among them), a unit-variance position table."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, p in model.parameters_and_names():
-        shape = tuple(p.shape)
+    for name, shape in checkpoint_shapes(config_dict).items():
         if name.endswith("position_embedding.weight") or name.endswith("embed_tokens.weight"):
             w = rng.standard_normal(shape)
         elif len(shape) == 1 and "norm" in name and name.endswith("weight"):
@@ -107,7 +129,12 @@ def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False, variant
     ``variant="4.6v"``: GLM-4.6V-Flash's files instead: its token ids (video span at <|endoftext|> + 32 / 33), tool
     tokens and a tool-calling chat template, a 131072-position context, the processor configs as published
     (``processor_class`` Glm46VProcessor, image ``size`` 12544 .. 9,633,792, a video_preprocessor_config.json with
-    ``size`` 12544 .. 100,352,000)."""
+    ``size`` 12544 .. 100,352,000).
+
+    ``variant="4.5v"``: a tiny GLM-4.5V (glm4v_moe: the mixture-of-experts decoder, TINY_45V_TEXT) with GLM-4.5V's
+    token ids at their real offsets (<|image|> / <|video|> at <|endoftext|> + 34 / 35), 4.6V's tool-calling
+    template and GLM-4.1V's processor file (GLM-4.5V uses Glm4vProcessor). Its weights are in the Hugging Face
+    MoE layout (per-expert gate / up / down tensors, fp32 e_score_correction_bias)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny model variant {variant!r}; use one of {VARIANTS}")
     folder = os.path.abspath(folder)
@@ -127,7 +154,7 @@ def make_tiny_model(folder: str, seed: int = 0, overwrite: bool = False, variant
         common = {"size": {"shortest_edge": 12544, "longest_edge": 9633792}, "do_rescale": True, "patch_size": 14,
                   "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
                   "image_std": [0.26862954, 0.26130258, 0.27577711]}
-        if variant == "4.1v":
+        if variant in ("4.1v", "4.5v"):
             _write_json(os.path.join(tmp, "preprocessor_config.json"), dict(
                 common, image_processor_type="Glm4vImageProcessor", processor_class="Glm4vProcessor",
                 do_resize=True, do_normalize=True, do_convert_rgb=True, resample=3, rescale_factor=1 / 255))

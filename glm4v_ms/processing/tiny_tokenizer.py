@@ -47,7 +47,17 @@ TOOL_TOKENS: List[str] = ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key
                           "<tool_response>", "</tool_response>", "/nothink"]
 THINKING_TOKENS_46V: List[str] = ["<think>", "</think>"] + TOOL_TOKENS
 
-VARIANTS = ("4.1v", "4.6v")
+# GLM-4.5V / GLM-4.6V (glm4v_moe) variant. What is public (transformers 4.57's Glm4vMoeConfig defaults): image span
+# 151339 / 151340 and video span 151341 / 151342 (base + 10 .. 13, as in 4.1V), <|image|> / <|video|> 151363 / 151364
+# (base + 34, 35). The tiny variant keeps 4.1V's first 14 specials, fills 14 .. 31 with reserved tokens (the real
+# file's tokens there, audio / code / thinking / tool markup, were not verifiable offline), puts the box tokens at
+# 32 / 33 and <|image|> / <|video|> at 34 / 35: every id the model, the processor and get_rope_index read sits at its
+# real offset from <|endoftext|>. Thinking and tool markup are 4.6V's non-special added tokens.
+SPECIAL_TOKENS_45V: List[str] = (
+    SPECIAL_TOKENS[:14] + [f"<|reserved_{i}|>" for i in range(14, 32)]
+    + ["<|begin_of_box|>", "<|end_of_box|>", "<|image|>", "<|video|>"])
+
+VARIANTS = ("4.1v", "4.6v", "4.5v")
 
 # GLM-4's tiktoken split pattern (spec 6.5): letters, 1-3 digit groups, punctuation runs, newlines, spaces.
 GLM4_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -153,7 +163,9 @@ _CORPUS: List[str] = [
 def _variant_tokens(variant: str):
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny tokenizer variant {variant!r}; use one of {VARIANTS}")
-    return (SPECIAL_TOKENS, THINKING_TOKENS) if variant == "4.1v" else (SPECIAL_TOKENS_46V, THINKING_TOKENS_46V)
+    if variant == "4.1v":
+        return SPECIAL_TOKENS, THINKING_TOKENS
+    return (SPECIAL_TOKENS_46V if variant == "4.6v" else SPECIAL_TOKENS_45V), THINKING_TOKENS_46V
 
 
 def _train_backend(vocab_size: int, variant: str = "4.1v"):
@@ -190,7 +202,7 @@ def _train_backend(vocab_size: int, variant: str = "4.1v"):
 
 
 def build_tiny_tokenizer(folder: str, vocab_size: int = 320, variant: str = "4.1v"):
-    """Build the tiny GLM-4.1V (or, ``variant="4.6v"``, GLM-4.6V-Flash) tokenizer, save it into ``folder`` and return
+    """Build the tiny GLM-4.1V (or, ``variant="4.6v"``, GLM-4.6V-Flash; ``"4.5v"``, GLM-4.5V) tokenizer, save it into ``folder`` and return
     it as a ``PreTrainedTokenizerFast``.
 
     ``vocab_size`` is the total length including the added tokens (4.1v, default 320: 298 BPE tokens, specials at
@@ -205,6 +217,7 @@ def build_tiny_tokenizer(folder: str, vocab_size: int = 320, variant: str = "4.1
         eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         padding_side="left", model_max_length=131072 if variant == "4.6v" else 65536,
         clean_up_tokenization_spaces=False,
+        # GLM-4.5V's published template has the same tool and thinking markup as GLM-4.6V's
         chat_template=CHAT_TEMPLATE if variant == "4.1v" else CHAT_TEMPLATE_46V,
     )
     os.makedirs(folder, exist_ok=True)
