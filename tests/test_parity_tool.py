@@ -353,3 +353,100 @@ def test_reference_failure_and_quant_config_errors_are_one_line(setup, capsys, t
         assert rc == 2 and out == "" and len(lines) == 1 and "Traceback" not in err, err
         assert ("bits is 3" if early else "does not match bits=4") in lines[0], lines[0]
         assert ("[parity]" not in err) == early, err  # ... a mismatching tensor is found when ours loads: one line
+
+
+# ------------------------------------------------------------------------------------------- GLM-4.5V (glm4v_moe)
+@pytest.fixture(scope="module")
+def moe_setup(setup, tmp_path_factory):
+    """(MoE folder, image): make_tiny_model's 4.5v folder grown to 3 decoder layers (1 dense, 2 MoE) with 16 experts
+    in 4 groups, topk_group 2, top 4, routed_scaling_factor 2.5; transformers loads it as Glm4vMoe."""
+    from glm4v_ms.apps.tiny import make_tiny_model, random_weights
+
+    folder = make_tiny_model(str(tmp_path_factory.mktemp("parity_moe") / "tiny45"), seed=5, variant="4.5v")
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["text_config"].update(num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                              topk_group=2, routed_scaling_factor=2.5)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(random_weights(cfg, seed=5), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return folder, setup[1]
+
+
+def test_moe_fp32_passes_with_identical_choices(moe_setup, capsys):
+    folder, image = moe_setup
+    rc, rep, err = _run_json(capsys, folder, image, "--layers", "all")
+    assert rc == 0 and rep["verdict"] == "PASS", (rep["failed"], err[-2000:])
+    stages = {s["stage"]: s for s in rep["stages"]}
+    assert list(stages) == ["vision.features", "embeddings"] + [f"layer.{i}" for i in range(3)] + ["logits"]
+    assert all(s["rel_err"] < 1e-5 for s in stages.values()), stages
+    n = rep["prompt_tokens"]
+    assert [r["layer"] for r in rep["router"]] == [1, 2]  # layer 0 is dense (first_k_dense_replace 1)
+    for r in rep["router"]:
+        assert r["tokens"] == n and r["choices"] == 4 * n and r["differing"] == 0 and r["passed"], r
+        assert 0 < r["input_max_abs"] < 1e-4
+    assert rep["tokens"]["ours"] == rep["tokens"]["reference"]
+    rc, out, _ = _run(capsys, folder, "--image", image, "--prompt", "What is in this picture?", "--tokens", "2")
+    assert rc == 0 and f"router layer 2: {n} tokens, {4 * n} choices compared, 0 differing (0 excused" in out
+
+
+def test_moe_perturbed_router_weight_is_a_real_divergence(moe_setup, capsys, tmp_path):
+    """One router weight of layer 1 changed in MODEL_DIR's copy (the original is the reference): choices flip far
+    from any tie, and the report fails at router.layer.1 naming the token, the experts and the gap. The layer's
+    router input is unchanged by it, so the tolerance stays at rounding size."""
+    folder, image = moe_setup
+    bad = _copy(folder, tmp_path / "bad")
+    path = os.path.join(bad, "model.safetensors")
+    w = load_file(path)
+    key = "model.language_model.layers.1.mlp.gate.weight"
+    w[key] = w[key].copy()
+    w[key][5, 0] += 30.0
+    save_file(w, path, metadata={"format": "pt"})
+    rc, rep, err = _run_json(capsys, bad, image, "--reference_dir", folder, "--tokens", "2")
+    assert rc == 1 and "router.layer.1" in rep["failed"], rep["failed"]
+    r1 = rep["router"][0]
+    assert r1["layer"] == 1 and r1["real"] > 0 and r1["input_max_abs"] < 1e-4
+    f = r1["first_real"]
+    assert f["ours"] != f["reference"] and f["gap"] > 100 * f["tolerance"], f
+    rc, out, _ = _run(capsys, bad, "--reference_dir", folder, "--image", image, "--prompt", "What is in this picture?",
+                      "--tokens", "2")
+    line = next(l for l in out.splitlines() if "router layer 1:" in l)
+    assert "first real divergence at token" in line and line.rstrip().endswith("FAIL"), line
+
+
+def test_moe_bf16_routing_flips_are_excused_near_ties(moe_setup, capsys):
+    """bf16 (emulated) moves the router inputs enough to flip a few choices; each flip sits within the tolerance the
+    measured input error gives, so none is a real divergence. (On this tiny random model a flipped expert moves the
+    hidden states of later layers past the dense model's bf16 bounds, so only the routing is asserted here.)"""
+    folder, image = moe_setup
+    rc, rep, err = _run_json(capsys, folder, image, "--dtype", "bfloat16", "--tokens", "2")
+    routing = rep["router"]
+    assert not [f for f in rep["failed"] if f.startswith("router")], rep["router"]
+    assert sum(r["differing"] for r in routing) > 0  # the rule was exercised
+    assert all(r["excused"] == r["differing"] and r["real"] == 0 for r in routing)
+
+
+def test_router_near_tie_rule():
+    """router_check on synthetic inputs: a swap of the k-th and (k+1)-th choice within the input error is excused;
+    the same swap with a wide score gap is a real divergence; a far-off input error widens the tolerance."""
+    from glm4v_ms.apps.router_check import RouterLayer, compare_layer
+
+    rng = np.random.default_rng(0)
+    h, e = 16, 8
+    w = rng.standard_normal((e, h)) / 4
+    x = rng.standard_normal((2, h))
+    bias = np.zeros(e)
+    ref = RouterLayer(x=x, ids=np.array([[0, 1], [0, 1]]), weight=w, bias=bias)
+
+    def ours(gap, dx):
+        choice = np.full((2, e), 0.1)
+        choice[:, 0], choice[:, 1], choice[:, 2] = 0.9, 0.5, 0.5 + gap  # we prefer 2 over the reference's 1
+        return RouterLayer(x=x + dx, ids=np.array([[0, 2], [0, 1]]), weight=w, bias=bias, choice=choice)
+
+    near = compare_layer(1, ours(1e-4, 1e-3 * rng.standard_normal(h)), ref, 1, 1)
+    assert (near["differing"], near["excused"], near["real"], near["passed"]) == (1, 1, 0, True), near
+    far = compare_layer(1, ours(0.3, 1e-3 * rng.standard_normal(h)), ref, 1, 1)
+    assert (far["differing"], far["excused"], far["real"], far["passed"]) == (1, 0, 1, False), far
+    assert far["first_real"]["ours_only"] == 2 and far["first_real"]["reference_only"] == 1
+    exact = compare_layer(1, ours(1e-4, 0.0), ref, 1, 1)  # no input error: only rounding is tolerated
+    assert exact["real"] == 1

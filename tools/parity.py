@@ -3,13 +3,14 @@
     python tools/parity.py MODEL_DIR --image a.jpg [--image b.jpg ...] [--video clip.mp4] --prompt "..."
         [--reference_dir HF_DIR] [--dtype float32|bfloat16] [--device CPU|Ascend] [--tokens 16]
         [--layers every:4|all|0,5,39] [--json] [--max_rel_vision X] [--max_rel_hidden X] [--max_rel_logits X]
-        [--min_cosine X] [--token_margin X] [--mode graph|eager]
+        [--min_cosine X] [--token_margin X] [--mode graph|eager] [--router_tie_factor X]
 
 Needs torch and the pinned transformers (``pip install -r requirements-dev.txt``). The messages are built exactly as
 generate.py builds them (media items, then the text) and processed once by glm4v_ms's numpy processor; the same
-arrays, as torch tensors, go to the reference. The reference is ``transformers.Glm4vForConditionalGeneration`` from
-``--reference_dir`` (default MODEL_DIR) in fp32 on CPU with eager attention, eval, no_grad; ours is
-``glm4v_ms.Glm4vForConditionalGeneration`` from MODEL_DIR in ``--dtype`` on ``--device``. A folder written by
+arrays, as torch tensors, go to the reference. The reference is ``transformers.Glm4vForConditionalGeneration`` (or
+``Glm4vMoeForConditionalGeneration`` when config.json says ``glm4v_moe``: GLM-4.5V / GLM-4.6V) from
+``--reference_dir`` (default MODEL_DIR) in fp32 on CPU with eager attention, eval, no_grad; ours is the class
+``glm4v_ms.load_model`` picks for MODEL_DIR, in ``--dtype`` on ``--device``. A folder written by
 tools/convert.py or a GPTQ folder cannot be read by transformers: give the original Hugging Face folder as
 ``--reference_dir``.
 
@@ -23,6 +24,14 @@ Stages (each: relative error ||ours - ref|| / ||ref||, max abs error, cosine sim
   layer.K          decoder layer K's output, before the final norm, captured with hooks on the reference's layers
                    (note: HF's own output_hidden_states[-1] is the *normed* last state; ours is not; hooks avoid it)
   logits           the logits of every prompt position
+  router.layer.K   (MoE models) layer K's expert choices for every prompt token, compared exactly as sets: the
+                   reference's router input and choices are captured by a forward hook on each MoE layer's
+                   ``mlp.gate``, ours by a pre-hook on our gate and output_router_choices. A differing choice is
+                   excused as a near-tie only when, in OUR choice scores, the gap between the experts swapped (or
+                   the groups swapped, with group-limited routing) is within what the measured error of that
+                   token's router input (and rounding) can move the scores, times --router_tie_factor (default 2);
+                   else it is a real divergence and FAILS. Each line gives the tokens, the choices compared, the
+                   differing ones and how many were excused (glm4v_ms/apps/router_check.py has the rule).
   tokens           the first --tokens greedy tokens of each side (no repetition penalty or other processors on
                    either side; EOS may stop), decoded with the tokenizer, and the first index where they differ.
                    A difference FAILS only if, at that step, the reference's logit margin between its token and
@@ -125,9 +134,14 @@ def parse_args(argv=None):
     ap.add_argument("--token_margin", type=float, help="a differing greedy token fails when the reference prefers "
                                                        "its own token by more than this logit margin (default: 2 x "
                                                        "the max abs logits error at that position)")
+    ap.add_argument("--router_tie_factor", type=float, default=2.0,
+                    help="MoE models: safety factor of the expert-choice near-tie tolerance (default 2; see "
+                         "glm4v_ms/apps/router_check.py)")
     args = ap.parse_args(argv)
     if args.tokens < 0:
         raise UsageError("--tokens must be >= 0")
+    if not args.router_tie_factor >= 1:
+        raise UsageError(f"--router_tie_factor {args.router_tie_factor}: must be at least 1")
     return args
 
 
@@ -213,6 +227,10 @@ def check_reference_loaded(ref_dir: str, info: Dict, model=None) -> None:
                                  "random tensors would make the report blame glm4v_ms)")
 
 
+# the fields of a glm4v_moe decoder that decide its routing and expert shapes
+MOE_FIELDS = ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group",
+              "topk_group", "first_k_dense_replace", "norm_topk_prob", "routed_scaling_factor")
+
 SHAPE_FIELDS = {"text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                          "num_key_value_heads", "head_dim"),
                 "vision": ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "in_channels",
@@ -225,6 +243,11 @@ def check_same_model(ours, ref) -> None:
     """MODEL_DIR and --reference_dir must describe the same architecture (the compared arrays' shapes and the media
     token ids), checked from the two config.json files before anything runs."""
     diffs = []
+    if ours.is_moe != ref.is_moe:
+        diffs.append(f"model_type {ours.model_type} vs {ref.model_type}")
+    elif ours.is_moe:
+        diffs += [f"text.{n} {getattr(ours.text, n)} vs {getattr(ref.text, n)}" for n in MOE_FIELDS
+                  if getattr(ours.text, n) != getattr(ref.text, n)]
     for part, names in SHAPE_FIELDS.items():
         a, b = (getattr(c, part) if part else c for c in (ours, ref))
         for n in names:
@@ -245,7 +268,7 @@ def reference_config_457(ref_dir: str) -> Optional[Dict]:
     with open(os.path.join(ref_dir, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
     text_raw = raw.get("text_config") or raw
-    if raw.get("model_type", "glm4v") == "glm4v" and "rope_parameters" not in text_raw:
+    if raw.get("model_type", "glm4v") in ("glm4v", "glm4v_moe") and "rope_parameters" not in text_raw:
         return None
     c = Glm4vConfig.from_dict(raw)
     t, v = c.text, c.vision
@@ -255,6 +278,8 @@ def reference_config_457(ref_dir: str) -> Optional[Dict]:
                                        "partial_rotary_factor", "pad_token_id", "eos_token_id")}
     text.update(rope_scaling={"type": t.rope_type, "mrope_section": list(t.mrope_section)},
                 attention_bias=text_raw.get("attention_bias", True), tie_word_embeddings=t.tie_word_embeddings)
+    if c.is_moe:  # 4.57's Glm4vMoeTextConfig: the MoE fields and the explicit head_dim
+        text.update({k: getattr(t, k) for k in MOE_FIELDS + ("head_dim", "attention_bias")})
     vision = {k: getattr(v, k) for k in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size",
                                          "hidden_act", "attention_bias", "in_channels", "patch_size",
                                          "temporal_patch_size", "spatial_merge_size", "image_size", "rms_norm_eps")}
@@ -264,8 +289,10 @@ def reference_config_457(ref_dir: str) -> Optional[Dict]:
 
 
 def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], tokens: int, eos: List[int],
-                  pad: int) -> Dict:
+                  pad: int, moe: bool = False) -> Dict:
     """The transformers model in fp32 on CPU: the compared stages as numpy, then greedy tokens and their raw logits.
+    ``moe`` (a glm4v_moe folder): transformers' Glm4vMoeForConditionalGeneration, and each MoE layer's router
+    input, chosen experts and gate weights (``router``: layer -> router_check.RouterLayer).
     The torch model lives only inside this function."""
     import torch
     import transformers
@@ -273,11 +300,12 @@ def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int]
     extra = {}
     legacy = reference_config_457(ref_dir)
     if legacy is not None:
-        extra["config"] = transformers.Glm4vConfig(**legacy)
+        extra["config"] = (transformers.Glm4vMoeConfig if moe else transformers.Glm4vConfig)(**legacy)
+    cls = transformers.Glm4vMoeForConditionalGeneration if moe else transformers.Glm4vForConditionalGeneration
     # output_loading_info: transformers only logs (and parity.py silences) a tensor it did not load and leaves it at
     # its random initial value; the report would then blame our side. ignore_mismatched_sizes turns a shape
     # mismatch from a long RuntimeError into mismatched_keys, so all three are named the same way.
-    model, info = transformers.Glm4vForConditionalGeneration.from_pretrained(
+    model, info = cls.from_pretrained(
         ref_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
         ignore_mismatched_sizes=True, **extra)
     check_reference_loaded(ref_dir, info, model)
@@ -298,6 +326,22 @@ def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int]
                  lambda m, a, k: st.__setitem__("embeddings", (a[0] if a else k["hidden_states"]).detach().numpy()
                                                 .copy()), with_kwargs=True)]
     hooks += [layer.register_forward_hook(layer_hook(i)) for i, layer in enumerate(lm.layers)]
+    if moe:
+        from glm4v_ms.apps.router_check import RouterLayer
+
+        st["router"] = {}
+
+        def gate_hook(i):
+            def hook(module, args, output):  # Glm4vMoeTextTopkRouter: hidden [B, S, H] -> (topk_indices, weights)
+                x = args[0].detach().float()
+                st["router"][i] = RouterLayer(
+                    x=x.reshape(-1, x.shape[-1]).numpy().copy(), ids=output[0].detach().numpy().copy(),
+                    weight=module.weight.detach().float().numpy().copy(),
+                    bias=module.e_score_correction_bias.detach().float().numpy().copy())
+            return hook
+
+        hooks += [layer.mlp.gate.register_forward_hook(gate_hook(i)) for i, layer in enumerate(lm.layers)
+                  if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "e_score_correction_bias")]
     t_in = {k: torch.tensor(v) for k, v in inputs.items() if v is not None}
     try:
         with torch.no_grad():
@@ -356,13 +400,12 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
     a token there), also our logits at that position (``divergence``: (step, logits [V]))."""
     import mindspore as ms
     import glm4v_ms
-    from glm4v_ms import Glm4vForConditionalGeneration
     from glm4v_ms.model import ops
 
     target = ops.device_target()
     emulate = dtype == "bfloat16" and target == "CPU"
     load_dtype = ms.bfloat16 if dtype == "bfloat16" and not emulate else ms.float32
-    model = Glm4vForConditionalGeneration.from_pretrained(model_dir, dtype=load_dtype)
+    model = glm4v_ms.load_model(model_dir, dtype=load_dtype)  # the class config.json names
     if emulate:
         model.round_parameters(ms.bfloat16)
         glm4v_ms.model.ops.set_bf16_emulation(True)
@@ -375,7 +418,10 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
     st: Dict = {}
     try:
         has_media = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
-        out = model(**inputs, output_hidden_states=True, output_vision_stages=has_media)
+        if model.config.is_moe:
+            out, st["router"] = _forward_with_router(model, inputs, has_media)
+        else:
+            out = model(**inputs, output_hidden_states=True, output_vision_stages=has_media)
         if has_media:
             st["features"] = f32(out.vision_stages["merger"])
         st["embeddings"] = f32(out.hidden_states[0])
@@ -392,6 +438,34 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
         glm4v_ms.model.ops.set_bf16_emulation(False)
     st["emulated"] = emulate
     return st
+
+
+def _forward_with_router(model, inputs: Dict[str, np.ndarray], has_media: bool):
+    """The MoE model's prompt forward, also returning per MoE layer our router input (captured by a forward pre-hook
+    on the gate, removed before anything else runs), chosen experts, choice scores and gate weights."""
+    import mindspore as ms
+    from glm4v_ms.apps.router_check import RouterLayer
+
+    layers = [(i, layer.mlp.gate) for i, layer in enumerate(model.language_model.layers) if layer.is_moe]
+    seen: Dict[int, np.ndarray] = {}
+
+    def pre_hook(i):
+        def hook(cell, args):
+            seen[i] = args[0].astype(ms.float32).asnumpy()
+        return hook
+
+    handles = [gate.register_forward_pre_hook(pre_hook(i)) for i, gate in layers]
+    try:
+        out = model(**inputs, output_hidden_states=True, output_vision_stages=has_media, output_router_choices=True)
+    finally:
+        for h in handles:
+            h.remove()
+    router = {}
+    for (i, gate), (ids, choice) in zip(layers, out.router_choices):
+        router[i] = RouterLayer(x=seen[i], ids=ids, choice=choice,
+                                weight=gate.weight.astype(ms.float32).asnumpy(),
+                                bias=gate.e_score_correction_bias.astype(ms.float32).asnumpy())
+    return out, router
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -412,7 +486,11 @@ def token_check(ours: List[int], ref: List[int], step_logits: List[np.ndarray], 
     return res
 
 
-def build_report(ref: Dict, ours: Dict, layers: List[int], th: Dict, token_margin: Optional[float]) -> Dict:
+def build_report(ref: Dict, ours: Dict, layers: List[int], th: Dict, token_margin: Optional[float],
+                 router: Optional[Dict] = None) -> Dict:
+    """``router`` (MoE models): {"n_group", "topk_group", "dtype", "factor"} to compare the expert choices of
+    ``ours["router"]`` and ``ref["router"]`` (router_check.compare_router; a real divergence fails the report as
+    stage router.layer.K)."""
     stages = []
 
     def add(name, kind, a, b):
@@ -445,9 +523,17 @@ def build_report(ref: Dict, ours: Dict, layers: List[int], th: Dict, token_margi
     tok = token_check(ours["new_tokens"], ref["new_tokens"], ref["step_logits"], tol)
     tok.update(position_max_abs=position_err, tolerance_basis=basis)
     failed = [s["stage"] for s in stages if not s["passed"]]
+    routing = []
+    if router is not None:
+        from glm4v_ms.apps.router_check import compare_router
+
+        routing = compare_router(ours["router"], ref["router"], router["n_group"], router["topk_group"],
+                                 router["dtype"], router["factor"])
+        failed += [f"router.layer.{r['layer']}" for r in routing if not r["passed"]]
     if not tok["pass"]:
         failed.append("tokens")
-    return {"stages": stages, "tokens": tok, "failed": failed, "verdict": "FAIL" if failed else "PASS"}
+    return {"stages": stages, "router": routing, "tokens": tok, "failed": failed,
+            "verdict": "FAIL" if failed else "PASS"}
 
 
 def print_table(rep: Dict, header: List[str]) -> None:
@@ -461,6 +547,14 @@ def print_table(rep: Dict, header: List[str]) -> None:
         thr = f"rel<={s['max_rel']:.0e} cos>={s['min_cosine']:g}"
         print(f"{s['stage']:<18} {s['rel_err']:>9.2e} {s['max_abs']:>9.2e} {s['cosine']:>12.8f}   {thr:<27} "
               f"{'PASS' if s['passed'] else 'FAIL'}")
+    if rep.get("router"):
+        from glm4v_ms.apps.router_check import describe
+
+        print()
+        print(f"expert choices (near-tie tolerance: {rep['router'][0]['factor']:g} x what the router input's "
+              "measured error and rounding can move a score)")
+        for r in rep["router"]:
+            print(f"  {describe(r):<100} {'PASS' if r['passed'] else 'FAIL'}")
     t = rep["tokens"]
     print()
     n = max(len(t["ours"]), len(t["reference"]))
@@ -554,6 +648,8 @@ def _run(args) -> int:
         import torch  # noqa: F401
         import transformers  # noqa: F401
         from transformers import Glm4vForConditionalGeneration  # noqa: F401
+        if config.is_moe:
+            from transformers import Glm4vMoeForConditionalGeneration  # noqa: F401
     except ImportError as e:
         raise UsageError(f"the reference needs torch and transformers ({_first_line(e)}); install them with "
                          "pip install -r requirements-dev.txt") from None
@@ -589,7 +685,7 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     _progress(f"reference (transformers, fp32, CPU): {ref_dir}")
     try:
-        ref = run_reference(ref_dir, inputs, layers, args.tokens, eos, pad)
+        ref = run_reference(ref_dir, inputs, layers, args.tokens, eos, pad, moe=config.is_moe)
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers' errors (loading, a forward that fails) end in one line
@@ -606,7 +702,11 @@ def _run(args) -> int:
     t_ours = time.perf_counter() - t0 - t_ref
 
     try:
-        rep = build_report(ref, ours, layers, th, args.token_margin)
+        router = None
+        if config.is_moe:
+            router = dict(n_group=config.text.n_group, topk_group=config.text.topk_group, dtype=args.dtype,
+                          factor=args.router_tie_factor)
+        rep = build_report(ref, ours, layers, th, args.token_margin, router)
     except ShapeMismatch as e:
         raise UsageError(f"{e}: MODEL_DIR and --reference_dir are not the same model") from None
     tok = rep["tokens"]
