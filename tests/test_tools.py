@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,3 +119,72 @@ def test_bench_without_torch_is_one_line(capsys, monkeypatch):
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "torch not installed" in lines[0] and "--skip_torch" in lines[0], err
+
+
+def _load_ascend_check():
+    spec = importlib.util.spec_from_file_location("ascend_check_moe", os.path.join(ROOT, "tools", "ascend_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ascend_check_moe_dry_run_on_cpu():
+    p = _run("tools/ascend_check.py", "--allow_cpu", "--moe", "--tokens", "3")
+    assert p.returncode == 0, p.stderr[-2000:]
+    for stage in ("moe.prefill.logits (fp32 path under the fast path's routing)", "moe.graph.prefill.logits",
+                  "moe.graph.decode.logits", "MoE (16 experts, top 4, 2 of 4 groups)",
+                  "router layer 1: 61 tokens, 244 choices compared, 0 differing", "router layer 2: 61 tokens",
+                  "MoE greedy tokens agreeing before the first difference: 3/3"):
+        assert stage in p.stdout, stage
+    assert "FAILED" not in p.stdout + p.stderr
+
+
+def test_ascend_check_moe_through_the_kernel_models(tmp_path):
+    """The MoE check with the fused path on, the Ascend kernels (attention, norms, rotary, swiglu and the MoE routing /
+    grouped-matmul / unpermute kernels) replaced by tests/ascend_sim.py's NumPy models (PyNative, so the runtime's
+    eager session stands in for the compiled one): every stage within tolerance, identical expert choices."""
+    import mindspore as ms
+    import ascend_sim
+    from glm4v_ms.model import ops
+
+    ac = _load_ascend_check()
+    folder = ac.aligned_tiny(str(tmp_path), moe=ac.MOE_ROUTING)
+    try:
+        with ascend_sim.simulated_kernels() as calls:
+            errors, routing, agree = ac.moe_model_errors(ms, folder, ac.prompt(), ms.float32, 3, mode="eager")
+            kernels = {c["kernel"] for c in calls}
+    finally:
+        ops.set_fused(False)
+    assert {"moe_init_routing_v2", "grouped_matmul_v4", "moe_token_unpermute"} <= kernels, kernels
+    assert set(errors) == {"moe.prefill.logits (fp32 path under the fast path's routing)",
+                           "moe.eager.prefill.logits", "moe.eager.decode.logits"}
+    assert all(v < 1e-5 for v in errors.values()), errors
+    assert [r["layer"] for r in routing] == [1, 2] and all(r["differing"] == 0 and r["passed"] for r in routing)
+    assert agree == 3
+
+
+def test_ascend_check_forced_routing_takes_effect(tmp_path):
+    """The hooks that impose the fast path's expert choices on the fp32 path: the model's own choices give its own
+    logits (up to the routing weights being recomputed in fp64); other choices change them."""
+    import mindspore as ms
+    from glm4v_ms import load_model
+    from glm4v_ms.apps.router_check import forward_with_router
+
+    ac = _load_ascend_check()
+    model = load_model(ac.aligned_tiny(str(tmp_path), moe=ac.MOE_ROUTING), dtype=ms.float32)
+    x = ac.prompt()
+    out, router = forward_with_router(model, x)
+    free = out.logits.asnumpy()
+
+    def forced(ids_by_layer):
+        handles = ac._force_routing(model, ids_by_layer)
+        try:
+            return model(**x).logits.asnumpy()
+        finally:
+            for h in handles:
+                h.remove()
+
+    assert ac.rel(forced({i: r.ids for i, r in router.items()}), free) < 1e-6
+    shifted = forced({i: (r.ids + 1) % 16 for i, r in router.items()})
+    assert ac.rel(shifted, free) > 1e-3
+    assert np.array_equal(model(**x).logits.asnumpy(), free)  # the hooks are gone

@@ -16,7 +16,12 @@ logits) and how many greedy tokens agree. Then the call sites review could not s
   output finite and each row equal to the row run alone;
 - the decoder's rotary call with the shapes of a tensor-parallel rank (one KV head, batch 16, decode and prefill);
 - a MoE layer's routed experts (moe_init_routing_v2, grouped_matmul_v4, swiglu, moe_token_unpermute) eagerly and
-  in a graph, all experts local and as an expert-parallel rank, against the fp32 eager form.
+  in a graph, all experts local and as an expert-parallel rank, against the fp32 eager form;
+- with ``--moe`` or a glm4v_moe ``--model`` (GLM-4.5V / GLM-4.6V): a tiny random MoE model (that folder's routing:
+  experts, top-k, groups, shared experts) through the whole fast path against fp32 eager: each MoE layer's expert
+  choices compared exactly with the near-tie rule of glm4v_ms/apps/router_check.py (a real divergence fails), the
+  prompt logits against the fp32 path under the fast path's expert choices, and the compiled prefill / decode
+  against the fast path's own forward (``moe_model_errors``).
 Finally a device memory-bandwidth microbenchmark and decode tokens/s (of ``--model`` if given, else of the tiny
 model). Exits 1 naming every check above its tolerance (bf16 vs fp32: vision features 3e-2, logits 5e-2; weight-quant
 matmul, rotary and routed experts 2e-2; non-finite values always fail), 2 without an NPU or for bad arguments.
@@ -42,7 +47,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TOLERANCE = {"vision.features": 3e-2, "prefill.logits": 5e-2, "decode.logits": 5e-2, "weight_quant": 2e-2,
-             "padded": 5e-2, "rotary": 2e-2, "routed_experts": 2e-2}
+             "padded": 5e-2, "rotary": 2e-2, "routed_experts": 2e-2, "moe.": 5e-2}
+# The routing of the MoE check's tiny model when no glm4v_moe --model gives its own: every MoE path (group-limited
+# top-k, 2 shared experts, routed_scaling_factor != 1, a dense first layer).
+MOE_ROUTING = {"n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "n_shared_experts": 2,
+               "norm_topk_prob": True, "routed_scaling_factor": 2.5}
 
 
 def rel(a, b) -> float:
@@ -53,16 +62,22 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def aligned_tiny(folder: str) -> str:
-    """A random model whose head dims are multiples of 16 (vision 64/4, text 64/2), as the FA kernels require."""
+def aligned_tiny(folder: str, moe=None) -> str:
+    """A random model whose head dims are multiples of 16 (vision 64/4, text 64/2), as the FA kernels require.
+    ``moe`` (routing fields, e.g. MOE_ROUTING): a GLM-4.5V-style glm4v_moe model instead (3 decoder layers, the
+    first dense, head_dim 32), in the Hugging Face per-expert layout."""
     from safetensors.numpy import save_file
-    from glm4v_ms.apps.tiny import TINY_TEXT, TINY_VISION, random_weights
+    from glm4v_ms.apps.tiny import TINY_45V_TEXT, TINY_TEXT, TINY_VISION, random_weights
 
     cfg = {"architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v", "tie_word_embeddings": False,
            "image_token_id": 300, "video_token_id": 301, "image_start_token_id": 302, "image_end_token_id": 303,
            "video_start_token_id": 304, "video_end_token_id": 305,
            "text_config": dict(TINY_TEXT, vocab_size=384, pad_token_id=0, eos_token_id=[1]),
            "vision_config": dict(TINY_VISION, hidden_size=64, num_heads=4)}
+    if moe is not None:
+        cfg.update(architectures=["Glm4vMoeForConditionalGeneration"], model_type="glm4v_moe")
+        cfg["text_config"].update(TINY_45V_TEXT, num_hidden_layers=3, **moe)
+        cfg["vision_config"]["model_type"] = "glm4v_moe"
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     save_file(random_weights(cfg, seed=0), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
@@ -244,6 +259,110 @@ def routed_experts_errors(ms, dtype, fused: bool) -> dict:
     return out
 
 
+def fast_path_logits(model, x, n: int, mode: str = "graph"):
+    """Greedy decoding of ``n`` tokens through the runtime's session (``graph``: compiled prefill and decode, as users
+    run it; ``eager``: PyNative over the KV cache): (logits of each step [1, V], tokens of each step [1])."""
+    from glm4v_ms.runtime.generation import GenerationConfig, open_session
+
+    sess, cache = open_session(model, GenerationConfig(max_new_tokens=n, eos_token_id=[]), 1,
+                               x["input_ids"].shape[1], mode)
+    sess.return_logits = True  # GraphSession: read each step's logits back (EagerSession always keeps them)
+    tok = sess.prefill(x, cache)
+    logits, seq = [sess.last_logits], [tok]
+    for _ in range(n - 1):
+        tok = sess.step(tok, cache)
+        logits.append(sess.last_logits)
+        seq.append(tok)
+    sess.close(cache)
+    return logits, seq
+
+
+def _force_routing(model, ids_by_layer):
+    """Forward hooks that make each MoE layer of ``model`` route to the given experts ([N, K] per layer), with its own
+    routing weights for them (sigmoid scores from its own router input and gate, normalised and scaled as its
+    router does). Returns the hook handles."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    def hook(i):
+        def swap(cell, args, output):
+            x = args[0].astype(ms.float32).asnumpy().astype(np.float64)
+            scores = 1.0 / (1.0 + np.exp(-(x @ cell.weight.astype(ms.float32).asnumpy().astype(np.float64).T)))
+            ids = ids_by_layer[i]
+            w = np.take_along_axis(scores, ids.astype(np.int64), 1)
+            if cell.norm:
+                w = w / (w.sum(-1, keepdims=True) + 1e-20)
+            return Tensor(ids.astype(np.int32)), Tensor((w * cell.scale).astype(np.float32)), output[2]
+        return swap
+
+    return [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.language_model.layers)
+            if layer.is_moe]
+
+
+def moe_model_errors(ms, folder: str, x, fast_dtype, n: int, mode: str = "graph", factor: float = 2.0):
+    """The MoE model (glm4v_moe) in ``folder``: the fast path (``fast_dtype``, the fused kernels as the caller set
+    them, incl. MindSpore's MoE routing / grouped-matmul kernels) against the fp32 eager path, fused kernels off.
+    Returns (errors, router reports, greedy tokens agreeing with the fp32 path):
+
+    * router: each MoE layer's expert choices over the prompt (PyNative) compared exactly, near-ties excused by
+      glm4v_ms/apps/router_check.py's rule (``dtype`` bf16 rounding of the router weight included); a real
+      divergence fails as ``moe.router.layer.K``;
+    * ``moe.prefill.logits``: the fast path's prompt logits against the fp32 path's *under the fast path's expert
+      choices* (forced by hooks on the fp32 router), so that an excused near-tie flip, which moves a token's MoE
+      output by a whole expert, does not hide or fake a kernel error;
+    * ``moe.<mode>.prefill.logits`` / ``moe.<mode>.decode.logits``: the runtime's session (``mode``, graph on a
+      device) against the fast path's own PyNative forward along its tokens (same dtype, kernels and routing)."""
+    from glm4v_ms import load_model
+    from glm4v_ms.apps.router_check import compare_router, forward_with_router
+    from glm4v_ms.model import ops
+
+    fast_state = dict(ops._FUSED)
+    ops.set_fused(False)  # reference: fp32 eager
+    ref = load_model(folder, dtype=ms.float32)
+    _, ref_router = forward_with_router(ref, x)
+    ref_seq = generate_eager(ref, x, n)
+    ops._FUSED.update(fast_state)  # the fast path as the caller set it
+    fast = load_model(folder, dtype=fast_dtype)
+    out, fast_router = forward_with_router(fast, x)
+    fast_prompt = out.logits.astype(ms.float32).asnumpy()
+    t = ref.config.text
+    dtype = "bfloat16" if fast_dtype == ms.bfloat16 else "float32"
+    routing = compare_router(fast_router, ref_router, t.n_group, t.topk_group, dtype, factor)
+    logits, seq = fast_path_logits(fast, x, n, mode)
+    fed = dict(x, input_ids=np.concatenate([x["input_ids"], np.stack(seq[:-1], 1)], 1))
+    own = fast(**fed).logits.astype(ms.float32).asnumpy()  # the fast path's PyNative forward along its tokens
+    ops.set_fused(False)
+    handles = _force_routing(ref, {i: r.ids for i, r in fast_router.items()})
+    try:
+        forced = ref(**x).logits.asnumpy()
+    finally:
+        for h in handles:
+            h.remove()
+    ops._FUSED.update(fast_state)
+    s = x["input_ids"].shape[1]
+    errors = {"moe.prefill.logits (fp32 path under the fast path's routing)": rel(fast_prompt, forced),
+              f"moe.{mode}.prefill.logits": rel(logits[0], own[:, s - 1]),
+              f"moe.{mode}.decode.logits": max(rel(logits[k], own[:, s - 1 + k]) for k in range(1, n))}
+    agree = int(np.cumprod(np.stack(seq, 1)[0] == ref_seq[0, s:]).sum())
+    return errors, routing, agree
+
+
+def generate_eager(model, x, n: int):
+    from glm4v_ms.runtime.generation import generate
+
+    return generate(model, **x, max_new_tokens=n, eos_token_id=[], do_sample=False, mode="eager")
+
+
+def moe_routing_of(folder: str):
+    """The routing fields of a glm4v_moe folder (for the MoE check's tiny model), or None for a dense folder."""
+    from glm4v_ms.model.config import Glm4vConfig
+
+    cfg = Glm4vConfig.from_pretrained(folder)
+    if not cfg.is_moe:
+        return None
+    return {k: getattr(cfg.text, k) for k in MOE_ROUTING}
+
+
 def decode_speed(model, tokens: int) -> float:
     from glm4v_ms.runtime.generation import StepStats, generate
 
@@ -265,6 +384,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps compared and timed (at least 2)")
     ap.add_argument("--model", help="a real checkpoint folder to time decode on (bf16, graph mode)")
     ap.add_argument("--allow_cpu", action="store_true", help="dry run on CPU in fp32 (verifies nothing about Ascend)")
+    ap.add_argument("--moe", action="store_true",
+                    help="also check the MoE model (GLM-4.5V / GLM-4.6V, glm4v_moe) on a tiny random one; implied "
+                         "by a glm4v_moe --model, whose routing (experts, top-k, groups) the tiny model then takes")
+    ap.add_argument("--router_tie_factor", type=float, default=2.0,
+                    help="MoE: safety factor of the expert-choice near-tie tolerance (default 2)")
     args = ap.parse_args(argv)
     if args.tokens < 2:
         return _fail(f"--tokens is {args.tokens}: it must be at least 2 (the prefill and at least one decode step "
@@ -272,8 +396,16 @@ def main(argv=None) -> int:
     if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
         return _fail(f"--model {args.model}: not a checkpoint folder (no config.json there); give the folder of a "
                      "Hugging Face or converted GLM-4.1V checkpoint", 2)
+    if not args.router_tie_factor >= 1:
+        return _fail(f"--router_tie_factor {args.router_tie_factor}: must be at least 1", 2)
+    moe_routing = dict(MOE_ROUTING) if args.moe else None
+    if args.model:
+        try:
+            moe_routing = moe_routing_of(args.model) or moe_routing
+        except (OSError, ValueError) as e:
+            return _fail(f"--model {args.model}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", 2)
     import mindspore as ms
-    from glm4v_ms import Glm4vForConditionalGeneration
+    from glm4v_ms import Glm4vForConditionalGeneration, load_model
     from glm4v_ms.model import ops
     from glm4v_ms.runtime.engine import GraphSession, graph_runner
     from glm4v_ms.runtime.generation import GenerationConfig, generate
@@ -331,6 +463,15 @@ def main(argv=None) -> int:
     errors.update(rotary_tp_errors(ms, fast_dtype, fused))
     errors.update(routed_experts_errors(ms, fast_dtype, fused))
     ops.set_fused(fused)
+    routing, moe_agree = [], None
+    if moe_routing is not None:
+        moe_folder = os.path.join(tmp, "moe")
+        os.makedirs(moe_folder)
+        aligned_tiny(moe_folder, moe=moe_routing)
+        moe_errors, routing, moe_agree = moe_model_errors(ms, moe_folder, x, fast_dtype, n, "graph",
+                                                          args.router_tie_factor)
+        errors.update(moe_errors)
+        ops.set_fused(fused)
     print(f"device: {ops.device_target()}  fast path: {fast_dtype}, fused kernels {'on' if fused else 'off'}, graph; "
           f"jit_config {ms.get_context('jit_config') or '{}'}")
     failed = []
@@ -341,10 +482,21 @@ def main(argv=None) -> int:
             failed.append(k)
         print(f"  {k:<42} rel err {v:.2e}  (tolerance {tol:.0e})  {'ok' if ok else 'FAILED'}")
     print(f"  greedy tokens agreeing before the first difference: {agree}/{n} (bf16 may diverge on near-ties)")
+    if moe_routing is not None:
+        from glm4v_ms.apps.router_check import describe
+
+        print(f"  MoE ({moe_routing['n_routed_experts']} experts, top {moe_routing['num_experts_per_tok']}, "
+              f"{moe_routing['topk_group']} of {moe_routing['n_group']} groups): expert choices of the fast path "
+              "against fp32 eager")
+        for r in routing:
+            if not r["passed"]:
+                failed.append(f"moe.router.layer.{r['layer']}")
+            print(f"    {describe(r)}  {'ok' if r['passed'] else 'FAILED'}")
+        print(f"  MoE greedy tokens agreeing before the first difference: {moe_agree}/{n}")
     print(f"  memory bandwidth (device copy): {bandwidth_gb_s(ms):.1f} GB/s")
     if args.model:
         try:
-            speed_model = Glm4vForConditionalGeneration.from_pretrained(args.model, dtype=fast_dtype)
+            speed_model = load_model(args.model, dtype=fast_dtype)  # the class its config.json names
         except Exception as e:  # noqa: BLE001 - any loading problem of the user's folder ends in one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"error: --model {args.model}: cannot be loaded: {first}", file=sys.stderr)

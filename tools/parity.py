@@ -419,7 +419,10 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
     try:
         has_media = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
         if model.config.is_moe:
-            out, st["router"] = _forward_with_router(model, inputs, has_media)
+            from glm4v_ms.apps.router_check import forward_with_router
+
+            out, st["router"] = forward_with_router(model, inputs, output_hidden_states=True,
+                                                    output_vision_stages=has_media)
         else:
             out = model(**inputs, output_hidden_states=True, output_vision_stages=has_media)
         if has_media:
@@ -438,34 +441,6 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
         glm4v_ms.model.ops.set_bf16_emulation(False)
     st["emulated"] = emulate
     return st
-
-
-def _forward_with_router(model, inputs: Dict[str, np.ndarray], has_media: bool):
-    """The MoE model's prompt forward, also returning per MoE layer our router input (captured by a forward pre-hook
-    on the gate, removed before anything else runs), chosen experts, choice scores and gate weights."""
-    import mindspore as ms
-    from glm4v_ms.apps.router_check import RouterLayer
-
-    layers = [(i, layer.mlp.gate) for i, layer in enumerate(model.language_model.layers) if layer.is_moe]
-    seen: Dict[int, np.ndarray] = {}
-
-    def pre_hook(i):
-        def hook(cell, args):
-            seen[i] = args[0].astype(ms.float32).asnumpy()
-        return hook
-
-    handles = [gate.register_forward_pre_hook(pre_hook(i)) for i, gate in layers]
-    try:
-        out = model(**inputs, output_hidden_states=True, output_vision_stages=has_media, output_router_choices=True)
-    finally:
-        for h in handles:
-            h.remove()
-    router = {}
-    for (i, gate), (ids, choice) in zip(layers, out.router_choices):
-        router[i] = RouterLayer(x=seen[i], ids=ids, choice=choice,
-                                weight=gate.weight.astype(ms.float32).asnumpy(),
-                                bias=gate.e_score_correction_bias.astype(ms.float32).asnumpy())
-    return out, router
 
 
 # ----------------------------------------------------------------------------------------------------- report

@@ -1,4 +1,4 @@
-"""Expert choices of two runs of a GLM-4.5V / GLM-4.6V router compared exactly, with a near-tie rule (numpy only).
+"""Expert choices of two runs of a GLM-4.5V / GLM-4.6V router compared exactly, with a near-tie rule.
 
 Used by tools/parity.py (glm4v_ms against transformers) and tools/ascend_check.py (the bf16 fused path against
 the fp32 eager path). Per MoE layer, each side gives its router input ``x`` [N, H] (the post-attention-norm hidden
@@ -23,7 +23,7 @@ inputs can explain it, judged in OUR choice scores ``c = sigmoid(x W^T) + e_scor
 
 Anything else is a real divergence and fails. Our choice scores of experts in groups our router dropped are zeroed
 in the model's output; they are recomputed here from our router input and weights (fp64) so that group scores can
-be compared.
+be compared. ``forward_with_router`` runs a glm4v_ms MoE model and collects its side; the comparison is numpy.
 """
 
 from __future__ import annotations
@@ -48,6 +48,33 @@ class RouterLayer:
     weight: np.ndarray
     bias: np.ndarray
     choice: Optional[np.ndarray] = None
+
+
+def forward_with_router(model, inputs: Dict, **kwargs):
+    """``model(**inputs, output_router_choices=True, **kwargs)`` of a glm4v_ms MoE model (PyNative), also returning
+    {decoder layer: RouterLayer} of every MoE layer: the router input (captured by a forward pre-hook on the gate,
+    removed before returning), the chosen experts and choice scores, the gate weight and bias (fp32)."""
+    import mindspore as ms
+
+    gates = [(i, layer.mlp.gate) for i, layer in enumerate(model.language_model.layers) if layer.is_moe]
+    seen: Dict[int, np.ndarray] = {}
+
+    def pre_hook(i):
+        def hook(cell, args):
+            seen[i] = args[0].astype(ms.float32).asnumpy()
+        return hook
+
+    handles = [gate.register_forward_pre_hook(pre_hook(i)) for i, gate in gates]
+    try:
+        out = model(**inputs, output_router_choices=True, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    router = {}
+    for (i, gate), (ids, choice) in zip(gates, out.router_choices):
+        router[i] = RouterLayer(x=seen[i], ids=ids, choice=choice, weight=gate.weight.astype(ms.float32).asnumpy(),
+                                bias=gate.e_score_correction_bias.astype(ms.float32).asnumpy())
+    return out, router
 
 
 def choice_scores(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
