@@ -450,3 +450,58 @@ def test_router_near_tie_rule():
     assert far["first_real"]["ours_only"] == 2 and far["first_real"]["reference_only"] == 1
     exact = compare_layer(1, ours(1e-4, 0.0), ref, 1, 1)  # no input error: only rounding is tolerated
     assert exact["real"] == 1
+
+
+def test_router_group_near_tie_rule():
+    """Group-limited routing (2 groups of 2, keep 1): our router kept group 0 where the reference kept group 1. When
+    our group scores are within the input error of each other that is an excused near-tie; a wide gap is a real
+    divergence of kind "group"."""
+    from glm4v_ms.apps.router_check import RouterLayer, compare_layer
+
+    h = 4
+    w = np.zeros((4, h))
+    w[:, 0] = [2.0, 2.0, 2.0, 2.001]  # the reference's group 1 (experts 2, 3) wins by a hair
+    x = np.zeros((1, h))
+    x[0, 0] = 1.0
+    bias = np.zeros(4)
+    ref = RouterLayer(x=x, ids=np.array([[2, 3]]), weight=w, bias=bias)
+    s = 1.0 / (1.0 + np.exp(-2.0))
+
+    def ours(delta):
+        choice = np.array([[s + delta, s + delta, 0.0, 0.0]])  # our router dropped group 1
+        return RouterLayer(x=x + np.array([[1e-3, 0, 0, 0]]), ids=np.array([[0, 1]]), weight=w, bias=bias,
+                           choice=choice)
+
+    near = compare_layer(1, ours(1e-3), ref, n_group=2, topk_group=1)  # our group 0 ahead by 1.5e-3, tolerance 4e-3
+    assert (near["differing"], near["excused"], near["real"]) == (2, 2, 0), near
+    far = compare_layer(1, ours(0.05), ref, n_group=2, topk_group=1)
+    assert (far["differing"], far["real"]) == (2, 2) and far["first_real"]["kind"] == "group", far
+    assert (far["first_real"]["ours_only"], far["first_real"]["reference_only"]) == (0, 1)
+
+
+def test_moe_and_dense_folders_are_different_models(setup, moe_setup, capsys):
+    rc, out, err = _run(capsys, moe_setup[0], "--reference_dir", setup[0], "--image", setup[1], "--prompt", "x")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "different models" in lines[0] and "glm4v_moe" in lines[0], err
+
+
+def test_moe_config_of_transformers_5_is_rewritten_for_4_57(moe_setup, tmp_path):
+    """A glm4v_moe config.json in 5.x's form (rope_parameters) becomes a 4.57 Glm4vMoeConfig with the M-RoPE sections,
+    the MoE fields and the explicit head_dim; a 4.57 file is used as it is."""
+    import transformers
+
+    folder = _copy(moe_setup[0], tmp_path / "m5")
+    assert parity.reference_config_457(folder) is None
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    text = raw["text_config"]
+    rope = text.pop("rope_scaling")
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": rope["mrope_section"],
+                               "rope_theta": text.pop("rope_theta"),
+                               "partial_rotary_factor": text.pop("partial_rotary_factor")}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(raw, f)
+    c = transformers.Glm4vMoeConfig(**parity.reference_config_457(folder)).text_config
+    assert c.rope_scaling["mrope_section"] == rope["mrope_section"] and c.head_dim == 32
+    assert (c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group, c.routed_scaling_factor,
+            c.first_k_dense_replace, c.n_shared_experts) == (16, 4, 4, 2, 2.5, 1, 2)

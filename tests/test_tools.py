@@ -188,3 +188,14 @@ def test_ascend_check_forced_routing_takes_effect(tmp_path):
     shifted = forced({i: (r.ids + 1) % 16 for i, r in router.items()})
     assert ac.rel(shifted, free) > 1e-3
     assert np.array_equal(model(**x).logits.asnumpy(), free)  # the hooks are gone
+
+
+def test_ascend_check_takes_the_routing_of_a_moe_model(tmp_path):
+    """A glm4v_moe --model turns the MoE check on with that folder's routing (tiny-random-4.5v: 8 experts, top 2,
+    1 of 2 groups); its decode is timed on the folder itself."""
+    from glm4v_ms.apps.preflight import TINY_RANDOM_45V, resolve_model
+
+    p = _run("tools/ascend_check.py", "--allow_cpu", "--tokens", "2", "--model", resolve_model(TINY_RANDOM_45V))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "MoE (8 experts, top 2, 1 of 2 groups)" in p.stdout and "router layer 2: 61 tokens, 122 choices" in p.stdout
+    assert "decode (--model, batch 1, graph)" in p.stdout and "FAILED" not in p.stdout + p.stderr

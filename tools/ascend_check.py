@@ -395,7 +395,7 @@ def main(argv=None) -> int:
                      "are compared)", 2)
     if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
         return _fail(f"--model {args.model}: not a checkpoint folder (no config.json there); give the folder of a "
-                     "Hugging Face or converted GLM-4.1V checkpoint", 2)
+                     "Hugging Face or converted GLM-V checkpoint", 2)
     if not args.router_tie_factor >= 1:
         return _fail(f"--router_tie_factor {args.router_tie_factor}: must be at least 1", 2)
     moe_routing = dict(MOE_ROUTING) if args.moe else None
