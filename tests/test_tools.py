@@ -199,3 +199,28 @@ def test_ascend_check_takes_the_routing_of_a_moe_model(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "MoE (8 experts, top 2, 1 of 2 groups)" in p.stdout and "router layer 2: 61 tokens, 122 choices" in p.stdout
     assert "decode (--model, batch 1, graph)" in p.stdout and "FAILED" not in p.stdout + p.stderr
+
+
+def test_ascend_check_names_failed_moe_checks(monkeypatch, capsys):
+    """With --moe, a MoE logits check above its tolerance and a router layer with a real divergence (the comparison's
+    report forced to one here) make the tool exit 1 and name them."""
+    import glm4v_ms.apps.router_check as router_check
+
+    ac = _load_ascend_check()
+    monkeypatch.setattr(ac, "TOLERANCE", dict(ac.TOLERANCE, **{"moe.": -1.0}))
+    monkeypatch.setattr(ac, "bandwidth_gb_s", lambda ms, size_mb=1024: 1.0)
+    real = router_check.compare_router
+
+    def one_real_divergence(*a, **k):
+        reports = real(*a, **k)
+        reports[-1].update(real=1, passed=False, first_real=dict(token=0, ours=[0], reference=[1], kind="expert",
+                                                                 ours_only=0, reference_only=1, gap=1.0,
+                                                                 tolerance=1e-3))
+        return reports
+
+    monkeypatch.setattr(router_check, "compare_router", one_real_divergence)
+    assert ac.main(["--allow_cpu", "--moe", "--tokens", "2"]) == 1
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
+    assert "moe.graph.decode.logits" in last and last.endswith("moe.router.layer.2"), last
+    assert "first real divergence at token 0" in out
