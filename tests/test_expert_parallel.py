@@ -1,0 +1,272 @@
+"""Expert parallelism for GLM-4.5V / GLM-4.6V (glm4v_moe; parallel.init_tensor_parallel(tp, ep), loading.py).
+
+* Without msrun: each rank's parameters (its experts; with tp its rows / columns) reassemble to the single model's,
+  and a bad split is one error naming the config field (ep not dividing the routed experts, tp not dividing the
+  heads, ep on a dense model, tp and ep of different sizes).
+* With msrun (2 CPU processes, mccl), EP=2 (attention replicated) and EP=2 x TP=2 (attention, dense MLP and shared
+  experts split too; the same 2 ranks): prefill logits of a text prompt, an image prompt and a left-padded batch of
+  2 equal the single process's within relative 1e-5 (fp32; only the order of the partial sums differs), 32 greedy
+  tokens equal in eager and in graph mode, both ranks bitwise identical (unseeded sampling included), and the peak
+  resident growth of each rank's load is below 60% of the single process's on a synthetic checkpoint whose routed
+  experts are 94% of its bytes (tests/ep_worker.py measures it in a fresh process).
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import record
+from ep_worker import STEPS, ep_inputs, greedy
+from reference import rel_err, max_abs, tiny_config_dict, tiny_moe_config_dict
+from glm4v_ms import Glm4vMoeForConditionalGeneration, load_tp_model
+from glm4v_ms.model.config import Glm4vConfig
+from glm4v_ms.model.loading import check_parallel
+from glm4v_ms.model.parallel import TPContext, init_tensor_parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+MEMORY_RATIO = 0.6  # a rank's peak load growth over the single process's
+SPLITS = {"ep2": (1, 2), "ep2_tp2": (2, 2)}  # name -> (tp, ep)
+
+
+def moe_checkpoint(folder, cfg, seed=0, scale=None):
+    """Write config.json and random weights for every tensor the glm4v_moe checkpoint of ``cfg`` holds (names and
+    shapes from the model's own checkpoint plan, so the checkpoint is in the Hugging Face layout): 1/sqrt(fan_in)
+    matrices, norms near 1, small biases (the router's e_score_correction_bias too), unit-variance embeddings.
+    ``scale``: one fixed scale for every tensor instead (the memory test only needs bytes)."""
+    model = Glm4vMoeForConditionalGeneration(Glm4vConfig.from_dict(cfg))  # lazy parameters: allocates nothing
+    _, expected = model.checkpoint_plan()
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected.items():
+        w = rng.standard_normal(shape, dtype=np.float32)
+        if scale is not None:
+            w *= scale
+        elif name.endswith(("position_embedding.weight", "embed_tokens.weight")):
+            pass
+        elif len(shape) == 1 and "norm" in name:
+            w = 1.0 + 0.1 * w
+        elif len(shape) == 1:
+            w *= 0.1
+        else:
+            w /= math.sqrt(int(np.prod(shape[1:])))
+        out[name] = w
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(out, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return str(folder), out
+
+
+def synthetic_config():
+    """Routed experts dominate: 64 experts of width 192 on hidden 256 in 3 MoE layers (113 of 121 MB in fp32)."""
+    cfg = tiny_moe_config_dict(text_layers=4, n_routed=64, n_group=1, topk_group=1, top_k=4)
+    cfg["text_config"].update(hidden_size=256, moe_intermediate_size=192)
+    cfg["vision_config"]["out_hidden_size"] = 256
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return moe_checkpoint(tmp_path_factory.mktemp("ep") / "tiny", tiny_moe_config_dict(), seed=5)[0]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder, weights = moe_checkpoint(tmp_path_factory.mktemp("ep") / "synthetic", synthetic_config(), scale=0.02)
+    experts = sum(a.nbytes for k, a in weights.items() if ".mlp.experts." in k)
+    total = sum(a.nbytes for a in weights.values())
+    assert experts / total > 0.9, (experts, total)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single(tiny):
+    import glm4v_ms
+
+    glm4v_ms.set_device("CPU")
+    return Glm4vMoeForConditionalGeneration.from_pretrained(tiny)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without msrun
+# ---------------------------------------------------------------------------------------------------------------
+
+def _rank(folder, r, tp, ep):
+    ctx = TPContext(rank=r, world=2, tp_rank=r if tp > 1 else 0, tp_size=tp, ep_rank=r if ep > 1 else 0, ep_size=ep)
+    return Glm4vMoeForConditionalGeneration.from_pretrained(folder, tensor_parallel=ctx)
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_rank_parameters_reassemble(tiny, single, split):
+    """Rank r holds experts [8 r, 8 r + 8) of 16; with tp also its heads' q/k/v rows and o_proj columns, and its
+    slice of the dense MLP's and the shared experts' inner width ([gate_r | up_r] rows, down_proj columns)."""
+    tp, ep = SPLITS[split]
+    full = {k: p.asnumpy() for k, p in single.parameters_and_names()}
+    ranks = [{k: p.asnumpy() for k, p in _rank(tiny, r, tp, ep).parameters_and_names()} for r in range(2)]
+    assert ranks[0].keys() == full.keys()
+    kinds = set()
+    for k, want in full.items():
+        parts = [rk[k] for rk in ranks]
+        split_tp = tp > 1 and k.startswith("model.language_model.layers.")  # the vision tower is replicated
+        if ".mlp.experts." in k:
+            kind = "experts"
+            got = np.concatenate(parts, 0)
+        elif split_tp and any(s in k for s in ("q_proj", "k_proj", "v_proj")):
+            kind = "rows"
+            got = np.concatenate(parts, 0)
+        elif split_tp and ("o_proj" in k or "down_proj" in k):
+            kind = "cols"
+            got = np.concatenate(parts, 1)
+        elif split_tp and "gate_up_proj" in k:
+            kind = "gate_up"
+            h = parts[0].shape[0] // 2
+            got = np.concatenate([p[:h] for p in parts] + [p[h:] for p in parts], 0)
+        else:
+            kind = "replicated"
+            for p in parts:
+                np.testing.assert_array_equal(p, want, err_msg=k)
+            got = want
+        kinds.add(kind)
+        np.testing.assert_array_equal(got, want, err_msg=k)
+    assert kinds == ({"experts", "replicated"} if tp == 1 else {"experts", "rows", "cols", "gate_up", "replicated"})
+
+
+def test_bad_splits_name_the_field(tiny, tmp_path):
+    moe = Glm4vConfig.from_dict(tiny_moe_config_dict())
+    check_parallel(moe, 2, 2)
+    check_parallel(moe, 1, 16)
+    with pytest.raises(ValueError, match=r"'text_config.n_routed_experts': 16 .*expert_parallel=3"):
+        check_parallel(moe, 1, 3)
+    with pytest.raises(ValueError, match=r"'text_config.num_attention_heads': 4 .*tensor_parallel=3"):
+        check_parallel(moe, 3, 1)
+    with pytest.raises(ValueError, match=r"'text_config.num_key_value_heads': 2 .*tensor_parallel=4"):
+        check_parallel(moe, 4, 4)
+    dense = Glm4vConfig.from_dict(tiny_config_dict())
+    with pytest.raises(ValueError, match=r"expert parallelism \(ep=2\) needs a mixture-of-experts model.*'glm4v'"):
+        check_parallel(dense, 1, 2)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="expert parallel size must be a positive integer"):
+            check_parallel(moe, 1, bad)
+    # load_tp_model refuses before joining any process group (no msrun here)
+    with pytest.raises(ValueError, match="'text_config.n_routed_experts'"):
+        load_tp_model(tiny, 1, ep=3)
+    with pytest.raises(ValueError, match="each must be 1 or the same size"):
+        init_tensor_parallel(2, 4)
+    with pytest.raises(RuntimeError, match="msrun --worker_num=2"):
+        load_tp_model(tiny, 1, ep=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With msrun: two processes
+# ---------------------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    bindir = os.path.dirname(sys.executable)
+    # msrun starts the workers as "python <script>": the venv's python must come first on PATH
+    return dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3")
+
+
+def _msrun(out, tp, ep, *folders):
+    """tests/ep_worker.py on 2 ranks under msrun; rank -> its results (the test fails with the logs' tails)."""
+    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
+    if not os.path.isfile(msrun):
+        pytest.fail(f"msrun not found next to {sys.executable}")
+    logs = out / "logs"
+    cmd = [msrun, "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "--join=True", "--cluster_time_out=60", f"--log_dir={logs}",
+           os.path.join(ROOT, "tests", "ep_worker.py"), str(out), str(tp), str(ep), *folders]
+    t0 = time.perf_counter()
+    try:
+        rc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    if rc != 0 or not all((out / f"rank{r}.npz").is_file() for r in range(2)):
+        tails = []
+        for f in sorted(logs.glob("*.log")) if logs.is_dir() else []:
+            lines = [ln for ln in f.read_text(errors="replace").splitlines() if "WARNING" not in ln and "[INFO]" not in ln]
+            tails.append(f"--- {f.name}\n" + "\n".join(lines[-25:]))
+        pytest.fail(f"msrun failed ({rc}): {' '.join(cmd)}\n" + "\n".join(tails))
+    print(f"\nmsrun tp={tp} ep={ep}: {time.perf_counter() - t0:.1f} s")
+    return {r: dict(np.load(out / f"rank{r}.npz")) for r in range(2)}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, synthetic, tmp_path_factory):
+    """One msrun run per split: the synthetic checkpoint's load first (a fresh process), then the tiny model."""
+    return {name: _msrun(tmp_path_factory.mktemp(name), tp, ep, tiny, synthetic)
+            for name, (tp, ep) in SPLITS.items()}
+
+
+@pytest.fixture(scope="module")
+def single_load(synthetic, tmp_path_factory):
+    """The single-process load of the synthetic checkpoint, measured by the same code in a fresh process."""
+    out = tmp_path_factory.mktemp("single_load")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "ep_worker.py"), str(out), "1", "1", "-",
+                           synthetic], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(out / "rank0.npz"))
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_ranks_agree(runs, split):
+    """Every rank computes the same logits and tokens (the all-reduce gives each the same sum), and an unseeded
+    sampled request draws the same tokens on both ranks (the seed is shared over the group)."""
+    tp, ep = SPLITS[split]
+    res = runs[split]
+    assert res[0]["ctx"].tolist() == [0, 2, 0, tp, 0, ep] and res[1]["ctx"].tolist() == [1, 2, tp - 1, tp, 1, ep]
+    # each rank's config: its heads / KV heads (halved with tp), 8 of the 16 experts from 8 r
+    assert res[0]["local"].tolist() == [4 // tp, 2 // tp, 8, 0] and res[1]["local"].tolist() == [4 // tp, 2 // tp, 8, 8]
+    for k in res[0]:
+        if k not in ("ctx", "local", "seconds", "load_peak_bytes"):
+            np.testing.assert_array_equal(res[0][k], res[1][k], err_msg=k)
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_equals_single_process(single, runs, split):
+    got = runs[split][0]
+    lines = []
+    for name, inputs in ep_inputs().items():
+        keep = inputs["attention_mask"].astype(bool)
+        ref = single(**inputs).logits.asnumpy()
+        err = rel_err(got[f"{name}.prefill_logits"][keep], ref[keep])
+        record(f"{split} vs single", f"{name} prefill logits", err, max_abs(got[f"{name}.prefill_logits"][keep],
+                                                                             ref[keep]))
+        lines.append(f"{name} {err:.1e}")
+        assert err <= TOL, (name, err)
+    batch = ep_inputs()["batch"]
+    eager = greedy(single, batch, "eager")
+    assert eager.shape[1] == batch["input_ids"].shape[1] + STEPS
+    np.testing.assert_array_equal(got["eager_tokens"], eager)
+    np.testing.assert_array_equal(got["graph_tokens"], greedy(single, batch, "graph"))
+    print(f"\n{split} vs single process, prefill logits relative error: " + ", ".join(lines) +
+          f"; {STEPS} greedy tokens equal (eager, graph)")
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_rank_peak_memory(runs, single_load, split):
+    """Each rank reads only its experts (and with tp its rows / columns): its peak resident growth while loading is
+    below 60% of the single process's."""
+    whole = float(single_load["load_peak_bytes"])
+    assert float(single_load["load_param_bytes"]) > 100e6
+    for r in range(2):
+        peak = float(runs[split][r]["load_peak_bytes"])
+        ratio = peak / whole
+        print(f"\n{split} rank {r}: load peak +{peak / 1e6:.1f} MB (parameters {runs[split][r]['load_param_bytes'] / 1e6:.1f}"
+              f" MB) vs single process +{whole / 1e6:.1f} MB (parameters {single_load['load_param_bytes'] / 1e6:.1f}"
+              f" MB): {ratio:.2f}")
+        assert ratio < MEMORY_RATIO, (split, r, peak, whole)
