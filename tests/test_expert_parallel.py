@@ -9,6 +9,8 @@
   tokens equal in eager and in graph mode, both ranks bitwise identical (unseeded sampling included), and the peak
   resident growth of each rank's load is below 60% of the single process's on a synthetic checkpoint whose routed
   experts are 94% of its bytes (tests/ep_worker.py measures it in a fresh process).
+* tools/batch_infer.py --ep 2 under msrun on a tiny MoE model (with tokenizer): one shard, one writer, the results of
+  one process; --ep errors are one line.
 """
 
 import json
@@ -270,3 +272,111 @@ def test_rank_peak_memory(runs, single_load, split):
               f" MB) vs single process +{whole / 1e6:.1f} MB (parameters {single_load['load_param_bytes'] / 1e6:.1f}"
               f" MB): {ratio:.2f}")
         assert ratio < MEMORY_RATIO, (split, r, peak, whole)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tools/batch_infer.py --ep
+# ---------------------------------------------------------------------------------------------------------------
+
+TOOL = os.path.join(ROOT, "tools", "batch_infer.py")
+GEN = ["--greedy", "--max_new_tokens", "6"]
+SAME = ("id", "index", "thinking", "answer", "prompt_tokens", "new_tokens", "error")
+
+
+def test_layout_group_is_max_of_tp_and_ep():
+    from glm4v_ms.apps.batch import JobError, make_layout
+
+    for kw in (dict(ep=2), dict(tp=2, ep=2)):
+        lay = make_layout(3, 4, **kw)  # groups of 2 consecutive ranks share a shard; the group's first rank writes
+        assert (lay.dp_rank, lay.dp_size, lay.writer) == (1, 2, False), kw
+        assert make_layout(2, 4, **kw).writer and make_layout(0, 4, **kw).coordinator
+    assert (make_layout(5, 8, ep=4).dp_rank, make_layout(5, 8, ep=4).dp_size) == (1, 2)
+    with pytest.raises(JobError, match="world size 3 is not a multiple of the expert-parallel size 2"):
+        make_layout(0, 3, ep=2)
+    with pytest.raises(JobError, match="must be >= 1"):
+        make_layout(0, 2, ep=0)
+
+
+@pytest.fixture(scope="module")
+def moe_app_model(tmp_path_factory):
+    """The tiny GLM-4.1V folder (tokenizer, chat template, processor configs) with a glm4v_moe config and weights:
+    4 heads / 2 KV heads of head_dim 32, 16 routed experts (top 4 in 2 of 4 groups), 2 shared, layer 0 dense."""
+    from glm4v_ms.apps.tiny import make_tiny_model
+
+    folder = make_tiny_model(str(tmp_path_factory.mktemp("batch_ep") / "tiny_moe"))
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    moe = tiny_moe_config_dict()
+    keep = ("vocab_size", "pad_token_id", "eos_token_id")
+    cfg["text_config"] = dict(moe["text_config"], **{k: cfg["text_config"][k] for k in keep})
+    cfg["vision_config"]["model_type"] = "glm4v_moe"
+    cfg.update(model_type="glm4v_moe", architectures=["Glm4vMoeForConditionalGeneration"])
+    return moe_checkpoint(folder, cfg, seed=9)[0]
+
+
+def _run_tool(cwd, *args, timeout=300):
+    return subprocess.run([sys.executable, TOOL, *args], cwd=cwd, env=dict(_env(), HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def batch_dir(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("batch_ep_data")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(d / "a.png")
+    lines = [{"id": f"t{i}", "prompt": f"request number {i}: say something"} for i in range(4)]
+    lines += [{"id": "img", "prompt": "What is this?", "image": "a.png"}, {"id": "bad", "prompt": "x", "image": "no.png"}]
+    (d / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d
+
+
+def test_batch_job_ep2_equals_single_process(moe_app_model, batch_dir):
+    """--ep 2 under msrun: the 2 ranks form one expert-parallel group working on one shard, only rank 0 writes, and
+    the results equal one process's."""
+    common = ["--input", "in.jsonl", "--model_name", moe_app_model, "--mode", "eager", *GEN]
+    r = _run_tool(batch_dir, *common, "--output", "single.jsonl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
+    cmd = [msrun, "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "--join=True", "--cluster_time_out=45", "--log_dir=logs_ep", TOOL, *common, "--output", "ep2.jsonl",
+           "--ep", "2"]
+    r = subprocess.run(cmd, cwd=batch_dir, env=dict(_env(), HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                       timeout=400)
+    logs = {n: (batch_dir / "logs_ep" / n).read_text() for n in ("worker_0.log", "worker_1.log")
+            if (batch_dir / "logs_ep" / n).is_file()}
+    assert r.returncode == 0, r.stdout[-3000:] + "".join(v[-3000:] for v in logs.values())
+    assert sorted(os.listdir(batch_dir / "ep2.jsonl.parts")) == [".merge.lock", "rank-0.jsonl"]  # one shard, one writer
+    ref, got = _read(batch_dir / "single.jsonl"), _read(batch_dir / "ep2.jsonl")
+    assert len(ref) == 6 and sum("answer" in x for x in ref) == 5 and "error" in ref[-1]
+    assert [{k: x.get(k) for k in SAME} for x in got] == [{k: x.get(k) for k in SAME} for x in ref]
+    assert "over 1 shard(s)" in r.stdout + logs.get("worker_0.log", "")
+
+
+@pytest.mark.parametrize("case", ["no_msrun", "dense", "indivisible", "mismatch", "zero"])
+def test_batch_ep_errors_are_one_line(case, moe_app_model, batch_dir, tmp_path):
+    from glm4v_ms.apps.tiny import make_tiny_model
+
+    model = {"dense": lambda: make_tiny_model(str(tmp_path / "dense"))}.get(case, lambda: moe_app_model)()
+    flags = {"no_msrun": ["--ep", "2"], "dense": ["--ep", "2"], "indivisible": ["--ep", "3"],
+             "mismatch": ["--tp", "2", "--ep", "4"], "zero": ["--ep", "0"]}[case]
+    r = _run_tool(batch_dir, "--input", "in.jsonl", "--output", str(tmp_path / "o.jsonl"), "--model_name", model,
+                  *flags, timeout=120)
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.jsonl").exists(), r.stderr
+    want = {"no_msrun": (1, "error: --ep 2 runs one process per rank: launch with msrun"),
+            "dense": (1, "error: expert parallelism (ep=2) needs a mixture-of-experts model"),
+            "indivisible": (1, "error: config field 'text_config.n_routed_experts': 16 cannot be divided among "
+                               "expert_parallel=3"),
+            "mismatch": (2, "--tp 2 and --ep 4: with both above 1 they must be equal"),
+            "zero": (2, "--ep must be >= 1")}[case]
+    assert r.returncode == want[0], r.stderr
+    assert want[1] in err[-1], r.stderr
+    if want[0] == 1:
+        assert len(err) == 1, r.stderr

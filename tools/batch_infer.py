@@ -51,6 +51,11 @@ TENSOR PARALLELISM (--tp N, under msrun): N consecutive ranks split the decoder 
 on one shard together; only the first rank of each group writes. --worker_num must be a multiple of N; N must
 divide the model's query heads, KV heads and MLP width (GLM-4.1V-9B: --tp 2). E.g. 8 cards as 4 groups of 2:
   msrun --worker_num=8 --local_worker_num=8 ... tools/batch_infer.py --tp 2 --device Ascend --dtype bfloat16 ...
+EXPERT PARALLELISM (--ep N, under msrun; GLM-4.5V / GLM-4.6V, the mixture-of-experts models): N consecutive ranks
+each hold 1/N of the routed experts (and read only theirs) and share one shard, as with --tp; alone (--tp 1) the
+attention is replicated on every rank, with --tp N (the same N) it is split too. N must divide the routed experts
+(128: --ep 8 --tp 8 on 8 cards, see the README); --ep on a dense model is an error.
+  msrun --worker_num=8 --local_worker_num=8 ... tools/batch_infer.py --tp 8 --ep 8 --device Ascend --dtype bfloat16 ...
 
 HOW IT WORKS: every process reads the input and every part file, so all agree on what is done; process r of N
 then takes the pending requests whose line number % N == r and appends one line per finished request to
@@ -118,11 +123,21 @@ def parse_args(argv=None):
                    help="tensor parallelism: split the decoder over this many consecutive msrun ranks (which then "
                         "share one data-parallel shard); must divide the query heads, KV heads and MLP width "
                         "(GLM-4.1V-9B: 2)")
+    m.add_argument("--ep", type=int, default=1,
+                   help="expert parallelism (GLM-4.5V / GLM-4.6V only): split the routed experts over this many "
+                        "consecutive msrun ranks (which then share one data-parallel shard); must divide the routed "
+                        "experts; with --tp above 1 both must be equal (GLM-4.5V on 8 cards: --tp 8 --ep 8)")
     m.add_argument("--quantized_weights", default="auto", choices=["auto", "dequantize", "int"],
                    help="GPTQ checkpoints only (see generate.py)")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch_size must be >= 1")
+    for flag in ("tp", "ep"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be >= 1")
+    if args.tp > 1 and args.ep > 1 and args.tp != args.ep:
+        ap.error(f"--tp {args.tp} and --ep {args.ep}: with both above 1 they must be equal (attention and experts "
+                 "are split over the same group of ranks)")
     if (args.rank is None) != (args.world_size is None):
         ap.error("--rank and --world_size go together")
     if args.sort_window is None:
@@ -144,9 +159,10 @@ def _allreduce_barrier():
     ops.AllReduce()(ms.Tensor(np.ones(1, np.float32))).asnumpy()
 
 
-def distributed_layout(args, tp: int = 1):
+def distributed_layout(args, tp: int = 1, ep: int = 1):
     """Rank, world and the data-parallel layout of this process: from msrun (mindspore.communication.init()), from
-    --rank/--world_size, or a single process. The device is selected here (card = local rank) before init."""
+    --rank/--world_size, or a single process. The device is selected here (card = local rank) before init. ``tp`` /
+    ``ep``: tensor / expert parallelism over groups of max(tp, ep) consecutive ranks."""
     import glm4v_ms
     from glm4v_ms.apps.batch import JobError, make_layout
 
@@ -156,16 +172,17 @@ def distributed_layout(args, tp: int = 1):
         glm4v_ms.set_device(args.device, int(os.environ.get("DEVICE_ID", "0")))
         from mindspore.communication import get_group_size, get_local_rank, get_rank, init
 
-        if tp > 1:  # joins the process group and sets up the TP groups of tp consecutive ranks
+        if max(tp, ep) > 1:  # joins the process group and sets up the groups of max(tp, ep) consecutive ranks
             from glm4v_ms.model.parallel import init_tensor_parallel
 
-            init_tensor_parallel(tp)
+            init_tensor_parallel(tp, ep)
         else:
             init()
-        return make_layout(get_rank(), get_group_size(), get_local_rank(), "msrun", tp=tp,
+        return make_layout(get_rank(), get_group_size(), get_local_rank(), "msrun", tp=tp, ep=ep,
                            barrier=_allreduce_barrier)
-    if tp > 1:
-        raise JobError(f"--tp {tp} runs one process per rank: launch with msrun --worker_num=<a multiple of {tp}>")
+    if max(tp, ep) > 1:
+        flag, n = ("--tp", tp) if tp >= ep else ("--ep", ep)
+        raise JobError(f"{flag} {n} runs one process per rank: launch with msrun --worker_num=<a multiple of {n}>")
     device_id = int(os.environ.get("DEVICE_ID", "0"))
     glm4v_ms.set_device(args.device, device_id)
     if args.rank is not None:
@@ -213,10 +230,10 @@ def pipeline_loader(args):
         from glm4v_ms.apps.pipeline import Glm4vPipeline
 
         tensor_parallel = None
-        if args.tp > 1:
+        if max(args.tp, args.ep) > 1:
             from glm4v_ms.model.parallel import init_tensor_parallel
 
-            tensor_parallel = init_tensor_parallel(args.tp)  # already set up: returns this process's context
+            tensor_parallel = init_tensor_parallel(args.tp, args.ep)  # already set up: returns this process's context
         return Glm4vPipeline.from_pretrained(args.model_name, dtype=args.dtype, device=args.device,
                                              mode=args.mode, quantized_weights=args.quantized_weights,
                                              tensor_parallel=tensor_parallel)
@@ -228,14 +245,14 @@ def run_job(args):
     """(summary, layout) of this process's part of the job."""
     from glm4v_ms.apps.batch import BatchJob
 
-    if args.tp > 1:  # a config tp cannot split is a clear error before any process group is joined
+    if max(args.tp, args.ep) > 1:  # a config tp / ep cannot split is a clear error before any process group is joined
         from glm4v_ms.model.config import Glm4vConfig
-        from glm4v_ms.model.parallel import check_divisible
+        from glm4v_ms.model.loading import check_parallel
         from glm4v_ms.apps.preflight import resolve_model
 
-        check_divisible(Glm4vConfig.from_pretrained(resolve_model(args.model_name)).text, args.tp)
+        check_parallel(Glm4vConfig.from_pretrained(resolve_model(args.model_name)), args.tp, args.ep)
     options = job_options(args)
-    layout = distributed_layout(args, tp=args.tp)
+    layout = distributed_layout(args, tp=args.tp, ep=args.ep)
     return BatchJob(options, layout, pipeline_loader(args)).run(), layout
 
 

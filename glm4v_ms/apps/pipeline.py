@@ -70,7 +70,8 @@ class Glm4vPipeline:
                         mode: str = "graph", quantized_weights: str = "auto",
                         tensor_parallel=None, media_options: Optional[MediaOptions] = None,
                         progress: bool = False) -> "Glm4vPipeline":
-        """``tensor_parallel``: a parallel.TPContext (under msrun) to load this rank's part of the decoder;
+        """``tensor_parallel``: a parallel.TPContext (under msrun) to load this rank's part of the decoder (its heads
+        and MLP width with tp; its routed experts with ep, MoE models);
         ``media_options``: URL limits, pixel cap and PDF dpi of the processor.
         ``progress``: report on stderr the weights being read (bytes, shard, rate, ETA) and, in graph mode, each
         graph compile (progress.Progress and progress.StepLog: redrawn on a terminal, one line per event in a log).

@@ -1,4 +1,4 @@
-"""Where a process sits in a batch job: data-parallel shards, tensor-parallel groups sharing one."""
+"""Where a process sits in a batch job: data-parallel shards, model-parallel (tensor / expert) groups sharing one."""
 
 from __future__ import annotations
 
@@ -32,13 +32,19 @@ class Layout:
 
 
 def make_layout(rank: int, world: int, local_rank: int = 0, launcher: str = "single", tp: int = 1,
-                barrier: Optional[Callable[[], None]] = None) -> Layout:
-    """The data-parallel view of a process. With tensor parallelism over ``tp`` consecutive ranks, the ranks of a
-    group share one shard (``dp_rank = rank // tp``) and only the group's first rank writes (batch_infer --tp); with
-    ``tp`` 1 every rank is the writer of its own shard."""
+                barrier: Optional[Callable[[], None]] = None, ep: int = 1) -> Layout:
+    """The data-parallel view of a process. With model parallelism (tensor parallelism over ``tp``, expert
+    parallelism over ``ep``; one group of max(tp, ep) consecutive ranks), the ranks of a group share one shard
+    (``dp_rank = rank // group``) and only the group's first rank writes (batch_infer --tp / --ep); with a group of
+    1 every rank is the writer of its own shard."""
     if world < 1 or not 0 <= rank < world:
         raise JobError(f"rank {rank} is outside a world of {world} process(es)")
-    if tp < 1 or world % tp:
-        raise JobError(f"the world size {world} is not a multiple of the tensor-parallel size {tp}")
-    return Layout(rank=rank, world=world, local_rank=local_rank, dp_rank=rank // tp, dp_size=world // tp,
-                  writer=rank % tp == 0, launcher=launcher, barrier=barrier or (lambda: None))
+    if tp < 1 or ep < 1:
+        raise JobError(f"tensor-parallel size {tp} and expert-parallel size {ep} must be >= 1")
+    group = max(tp, ep)
+    if world % group:
+        what = "tensor-parallel size" if tp >= ep else "expert-parallel size"
+        raise JobError(f"the world size {world} is not a multiple of the {what} {group} (each model-parallel group "
+                       "is max(--tp, --ep) consecutive ranks)")
+    return Layout(rank=rank, world=world, local_rank=local_rank, dp_rank=rank // group, dp_size=world // group,
+                  writer=rank % group == 0, launcher=launcher, barrier=barrier or (lambda: None))
