@@ -14,7 +14,8 @@ Parallelism (parallel.py): an expert-parallel rank holds experts [ep_rank E/ep, 
 their share for *every* token (attention is replicated or tensor-parallel, so every rank has all tokens); the
 partial outputs are summed with one AllReduce, which with tensor parallelism also carries the shared experts'
 partial sum (their inner width split like the dense MLP's). Without tensor parallelism the shared experts are
-replicated and added after the AllReduce.
+replicated and added after the AllReduce. Tensor parallelism alone (ep 1) keeps every routed expert on every rank:
+their output is whole on each rank and only the shared experts' partial sum is reduced.
 """
 
 from __future__ import annotations
@@ -94,8 +95,10 @@ class MoE(nn.Cell):
         routed = moe_ops.routed_experts(x2, ids, w, self.experts.gate_up_proj, self.experts.down_proj,
                                         self.expert_start, self.num_experts)
         shared = self.shared_experts(x2)
-        if self.tp:  # routed: this rank's experts; shared: this rank's slice of the inner width
+        if self.tp and self.ep:  # routed: this rank's experts; shared: this rank's slice of the inner width
             out = ops.tp_all_reduce(routed + shared)
+        elif self.tp:  # every rank holds every expert: routed is already whole, only the shared part is partial
+            out = ops.tp_all_reduce(shared) + routed
         elif self.ep:
             out = ops.tp_all_reduce(routed) + shared
         else:
