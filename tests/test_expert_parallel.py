@@ -3,12 +3,14 @@
 * Without msrun: each rank's parameters (its experts; with tp its rows / columns) reassemble to the single model's,
   and a bad split is one error naming the config field (ep not dividing the routed experts, tp not dividing the
   heads, ep on a dense model, tp and ep of different sizes).
-* With msrun (2 CPU processes, mccl), EP=2 (attention replicated) and EP=2 x TP=2 (attention, dense MLP and shared
-  experts split too; the same 2 ranks), and TP=2 alone on the MoE model (every rank holds every expert): prefill logits of a text prompt, an image prompt and a left-padded batch of
-  2 equal the single process's within relative 1e-5 (fp32; only the order of the partial sums differs), 32 greedy
-  tokens equal in eager and in graph mode, both ranks bitwise identical (unseeded sampling included), and the peak
-  resident growth of each rank's load is below 60% of the single process's on a synthetic checkpoint whose routed
-  experts are 94% of its bytes (EP splits only) (tests/ep_worker.py measures it in a fresh process).
+* With msrun (2 CPU processes, mccl), EP=2 (attention replicated), EP=2 x TP=2 (attention, dense MLP and shared
+  experts split too; the same 2 ranks) and TP=2 alone on the MoE model (every rank holds every expert): prefill
+  logits of a text prompt, an image prompt and a left-padded batch of 2 equal the single process's within relative
+  1e-5 (fp32; only the order of the partial sums differs), 32 greedy tokens equal in eager and in graph mode, both
+  ranks bitwise identical (unseeded sampling included). With EP the peak resident growth of each rank's load is
+  below 60% of the single process's on a synthetic checkpoint whose routed experts are 94% of its bytes
+  (tests/ep_worker.py measures it in a fresh process). 4 processes with ep 2 form two groups, each computing what
+  the 2-process run computed.
 * tools/batch_infer.py --ep 2 under msrun on a tiny MoE model (with tokenizer): one shard, one writer, the results of
   one process; --ep errors are one line.
 """
@@ -189,13 +191,14 @@ def _env():
     return dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3")
 
 
-def _msrun(out, tp, ep, *folders):
-    """tests/ep_worker.py on 2 ranks under msrun; rank -> its results (the test fails with the logs' tails)."""
+def _msrun(out, tp, ep, *folders, workers=2):
+    """tests/ep_worker.py on ``workers`` ranks under msrun; rank -> its results (the test fails with the logs'
+    tails)."""
     msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
     if not os.path.isfile(msrun):
         pytest.fail(f"msrun not found next to {sys.executable}")
     logs = out / "logs"
-    cmd = [msrun, "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
+    cmd = [msrun, f"--worker_num={workers}", f"--local_worker_num={workers}", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "--join=True", "--cluster_time_out=60", f"--log_dir={logs}",
            os.path.join(ROOT, "tests", "ep_worker.py"), str(out), str(tp), str(ep), *folders]
     t0 = time.perf_counter()
@@ -203,14 +206,14 @@ def _msrun(out, tp, ep, *folders):
         rc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
-    if rc != 0 or not all((out / f"rank{r}.npz").is_file() for r in range(2)):
+    if rc != 0 or not all((out / f"rank{r}.npz").is_file() for r in range(workers)):
         tails = []
         for f in sorted(logs.glob("*.log")) if logs.is_dir() else []:
             lines = [ln for ln in f.read_text(errors="replace").splitlines() if "WARNING" not in ln and "[INFO]" not in ln]
             tails.append(f"--- {f.name}\n" + "\n".join(lines[-25:]))
         pytest.fail(f"msrun failed ({rc}): {' '.join(cmd)}\n" + "\n".join(tails))
-    print(f"\nmsrun tp={tp} ep={ep}: {time.perf_counter() - t0:.1f} s")
-    return {r: dict(np.load(out / f"rank{r}.npz")) for r in range(2)}
+    print(f"\nmsrun {workers} workers tp={tp} ep={ep}: {time.perf_counter() - t0:.1f} s")
+    return {r: dict(np.load(out / f"rank{r}.npz")) for r in range(workers)}
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +267,19 @@ def test_equals_single_process(single, runs, split):
     np.testing.assert_array_equal(got["graph_tokens"], greedy(single, batch, "graph"))
     print(f"\n{split} vs single process, prefill logits relative error: " + ", ".join(lines) +
           f"; {STEPS} greedy tokens equal (eager, graph)")
+
+
+def test_two_data_parallel_groups(tiny, runs, tmp_path):
+    """4 processes with ep 2: two expert-parallel groups of 2 consecutive ranks (communication sub-groups), each
+    computing what the 2-process run computed; an unseeded sampled request draws one seed per group."""
+    res = _msrun(tmp_path, 1, 2, tiny, workers=4)
+    assert [res[r]["ctx"].tolist() for r in range(4)] == [[r, 4, 0, 1, r % 2, 2] for r in range(4)]
+    for r in range(4):
+        for k in ("text.prefill_logits", "image.prefill_logits", "batch.prefill_logits", "eager_tokens",
+                  "graph_tokens"):
+            np.testing.assert_array_equal(res[r][k], runs["ep2"][0][k], err_msg=f"rank {r} {k}")
+    np.testing.assert_array_equal(res[0]["sampled_tokens"], res[1]["sampled_tokens"])
+    np.testing.assert_array_equal(res[2]["sampled_tokens"], res[3]["sampled_tokens"])
 
 
 @pytest.mark.parametrize("split", MEMORY_SPLITS)
