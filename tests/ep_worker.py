@@ -5,7 +5,8 @@
 
 First (in a fresh process, before anything else is loaded) the peak memory of loading SYNTHETIC_FOLDER with
 ``load_tp_model(folder, TP, ep=EP)`` (memory_of_load); then, on the tiny MoE model, the prefill logits of a text
-prompt, an image prompt and a left-padded batch of 2, and 32 greedy tokens of the batch in eager and in graph mode, and 8 sampled ones without a seed (graph mode).
+prompt, an image prompt and a left-padded batch of 2, 32 greedy tokens of the batch in eager and in graph mode,
+and 8 sampled ones without a seed (graph mode). TINY_FOLDER '-': the memory measurement only.
 Everything goes to OUT_DIR/rank<R>.npz; the test compares it with one process. Run without msrun with TP = EP = 1,
 it measures the single-process load (the test's reference for the memory ratio).
 The inputs and helpers are importable (the test computes its reference with the same functions).

@@ -209,7 +209,8 @@ def _msrun(out, tp, ep, *folders, workers=2):
     if rc != 0 or not all((out / f"rank{r}.npz").is_file() for r in range(workers)):
         tails = []
         for f in sorted(logs.glob("*.log")) if logs.is_dir() else []:
-            lines = [ln for ln in f.read_text(errors="replace").splitlines() if "WARNING" not in ln and "[INFO]" not in ln]
+            lines = [ln for ln in f.read_text(errors="replace").splitlines()
+                     if "WARNING" not in ln and "[INFO]" not in ln]
             tails.append(f"--- {f.name}\n" + "\n".join(lines[-25:]))
         pytest.fail(f"msrun failed ({rc}): {' '.join(cmd)}\n" + "\n".join(tails))
     print(f"\nmsrun {workers} workers tp={tp} ep={ep}: {time.perf_counter() - t0:.1f} s")
@@ -291,7 +292,8 @@ def test_rank_peak_memory(runs, single_load, split):
     for r in range(2):
         peak = float(runs[split][r]["load_peak_bytes"])
         ratio = peak / whole
-        print(f"\n{split} rank {r}: load peak +{peak / 1e6:.1f} MB (parameters {runs[split][r]['load_param_bytes'] / 1e6:.1f}"
+        held = float(runs[split][r]["load_param_bytes"])
+        print(f"\n{split} rank {r}: load peak +{peak / 1e6:.1f} MB (parameters {held / 1e6:.1f}"
               f" MB) vs single process +{whole / 1e6:.1f} MB (parameters {single_load['load_param_bytes'] / 1e6:.1f}"
               f" MB): {ratio:.2f}")
         assert ratio < MEMORY_RATIO, (split, r, peak, whole)
@@ -355,7 +357,8 @@ def batch_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(d / "a.png")
     lines = [{"id": f"t{i}", "prompt": f"request number {i}: say something"} for i in range(4)]
-    lines += [{"id": "img", "prompt": "What is this?", "image": "a.png"}, {"id": "bad", "prompt": "x", "image": "no.png"}]
+    lines += [{"id": "img", "prompt": "What is this?", "image": "a.png"},
+              {"id": "bad", "prompt": "x", "image": "no.png"}]
     (d / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return d
 
