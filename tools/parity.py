@@ -291,10 +291,13 @@ def reference_config_457(ref_dir: str) -> Optional[Dict]:
 
 
 def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], tokens: int, eos: List[int],
-                  pad: int, moe: bool = False) -> Dict:
+                  pad: int, moe: bool = False, force: Optional[Dict[int, np.ndarray]] = None) -> Dict:
     """The transformers model in fp32 on CPU: the compared stages as numpy, then greedy tokens and their raw logits.
     ``moe`` (a glm4v_moe folder): transformers' Glm4vMoeForConditionalGeneration, and each MoE layer's router
-    input, chosen experts and gate weights (``router``: layer -> router_check.RouterLayer).
+    input, its OWN chosen experts and gate weights (``router``: layer -> router_check.RouterLayer).
+    ``force`` (MoE: decoder layer -> expert ids [B*S, K], our choices): during the staged forward each MoE layer
+    routes to these experts instead of its own (see force_router_output); ``forced``: layer -> how many choices
+    differed from the reference's own. The greedy tokens are always generated unforced.
     The torch model lives only inside this function."""
     import torch
     import transformers
@@ -332,14 +335,27 @@ def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int]
         from glm4v_ms.apps.router_check import RouterLayer
 
         st["router"] = {}
+        if force is not None:
+            st["forced"] = {}
 
         def gate_hook(i):
-            def hook(module, args, output):  # Glm4vMoeTextTopkRouter: hidden [B, S, H] -> (topk_indices, weights)
+            # Glm4vMoeTextTopkRouter: hidden [B, S, H] -> (topk_indices [B*S, K], topk_weights [B*S, K]).
+            # The router check gets the reference's OWN choice from its own router input. With ``force``, every
+            # earlier MoE layer of the reference has already routed to our choices, so this input and ours (captured
+            # by our gate's pre-hook) come from the same routing and differ by numerics only: the check compares
+            # like with like, and the tolerance from the measured input error is not inflated by an earlier flip.
+            # The output returned (our choices) is what the rest of this forward, the stages, uses.
+            def hook(module, args, output):
                 x = args[0].detach().float()
                 st["router"][i] = RouterLayer(
                     x=x.reshape(-1, x.shape[-1]).numpy().copy(), ids=output[0].detach().numpy().copy(),
                     weight=module.weight.detach().float().numpy().copy(),
                     bias=module.e_score_correction_bias.detach().float().numpy().copy())
+                if force is None:
+                    return None
+                ids, weights, n = force_router_output(module, args[0], output, force[i], i)
+                st["forced"][i] = n
+                return ids, weights
             return hook
 
         hooks += [layer.mlp.gate.register_forward_hook(gate_hook(i)) for i, layer in enumerate(lm.layers)
@@ -367,6 +383,33 @@ def run_reference(ref_dir: str, inputs: Dict[str, np.ndarray], layers: List[int]
     return st
 
 
+def force_router_output(router, hidden, own, ids, layer: int):
+    """The output of transformers' Glm4vMoeTextTopkRouter ``router`` (called on ``hidden`` [B, S, H], its own output
+    ``own`` = (topk_indices, topk_weights)) forced to route each token to the experts ``ids`` [B*S, K] (ours).
+    The weights are the router's: its own sigmoid scores of ``hidden`` (the same fp32 ops as its forward) gathered at
+    those experts, divided by their sum + 1e-20 when ``norm_topk_prob``, times ``routed_scaling_factor``. A token
+    whose set of experts equals the reference's own keeps its own row (indices and weights, bit for bit: only the
+    order of the K ids could differ, which would change the denominator's rounding), so forcing the reference's own
+    choices changes nothing. Returns (indices, weights, number of forced choices that differ from its own)."""
+    import torch
+
+    own_ids, own_w = own
+    if tuple(ids.shape) != tuple(own_ids.shape):
+        raise ShapeMismatch(f"router layer {layer}: our expert choices {tuple(ids.shape)} do not match the "
+                            f"reference's {tuple(own_ids.shape)}")
+    ids_t = torch.as_tensor(np.asarray(ids, np.int64))
+    same_sets = (torch.sort(ids_t, -1)[0] == torch.sort(own_ids, -1)[0]).all(-1, keepdim=True)
+    # choices of ours the reference did not make (per token: |ours - its own|)
+    forced = int((~(ids_t[:, :, None] == own_ids[:, None, :]).any(-1)).sum())
+    x = hidden.reshape(-1, router.config.hidden_size)
+    scores = torch.nn.functional.linear(x.type(torch.float32), router.weight.type(torch.float32)).sigmoid()
+    w = scores.gather(1, ids_t)
+    if router.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * router.routed_scaling_factor
+    return torch.where(same_sets, own_ids, ids_t), torch.where(same_sets, own_w, w), forced
+
+
 # ----------------------------------------------------------------------------------------------------- ours
 def our_greedy(model, inputs: Dict[str, np.ndarray], tokens: int, eos: List[int], pad: int, mode: str) -> List[int]:
     """Our first ``tokens`` greedy tokens (no penalty or other processors, like the reference's)."""
@@ -385,21 +428,26 @@ def first_difference(ours: Sequence[int], ref: Sequence[int]) -> Optional[int]:
     return first
 
 
-def teacher_forced_logits(model, inputs: Dict[str, np.ndarray], prefix: Sequence[int]):
-    """Our logits [V] for the position after prompt + ``prefix`` (a plain forward, no cache): what the reference's
-    generate scored at that step, so the error there can be measured."""
+def teacher_forced_logits(model, inputs: Dict[str, np.ndarray], prefix: Sequence[int], keep: int = 1):
+    """Our logits [keep, V] for the last ``keep`` positions of prompt + ``prefix`` (a plain forward, no cache); the
+    last one scores the token after the prefix: what the reference's generate scored at that step, so the error
+    there can be measured."""
     ids = inputs["input_ids"]
     x = dict(inputs, input_ids=np.concatenate([ids, np.asarray([list(prefix)], ids.dtype)], axis=1))
     if inputs.get("attention_mask") is not None:
         am = inputs["attention_mask"]
         x["attention_mask"] = np.concatenate([am, np.ones((1, len(prefix)), am.dtype)], axis=1)
-    return model(**x, logits_to_keep=1).logits[0, -1]
+    return model(**x, logits_to_keep=keep).logits[0]
 
 
 def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], tokens: int, eos: List[int],
-             pad: int, dtype: str, device: str, mode: str, ref_tokens: Sequence[int] = ()) -> Dict:
+             pad: int, dtype: str, device: str, mode: str, ref_tokens: Optional[Sequence[int]] = ()) -> Dict:
     """Our stages as numpy and our greedy tokens; where they first differ from ``ref_tokens`` (both sides produced
-    a token there), also our logits at that position (``divergence``: (step, logits [V]))."""
+    a token there), also our logits at that position (``divergence``: (step, logits [V])). ``ref_tokens`` None
+    (MoE models, where ours runs before the reference): the reference's tokens are not known yet, so our
+    plain-forward logits at every step of our own tokens are kept instead (``step_logits`` [n, V], one forward
+    over the prompt and our tokens); add_divergence picks the diverging step's row later. Up to the first
+    difference our tokens are the reference's, so that row scores the same prefix as the reference's step."""
     import mindspore as ms
     import glm4v_ms
     from glm4v_ms.model import ops
@@ -434,8 +482,13 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
         st["logits"] = f32(out.logits)
         del out
         st["new_tokens"] = our_greedy(model, inputs, tokens, eos, pad, mode) if tokens else []
+        n = len(st["new_tokens"])
+        if ref_tokens is None:
+            if n:
+                st["step_logits"] = f32(teacher_forced_logits(model, inputs, st["new_tokens"][:n - 1], keep=n))
+            ref_tokens = ()
         k = first_difference(st["new_tokens"], list(ref_tokens))
-        if k is not None and k < min(len(st["new_tokens"]), len(ref_tokens)):
+        if k is not None and k < min(n, len(ref_tokens)):
             # the prefix before k is common to both sides; step 0 is the prompt's last position
             lg = st["logits"][0, -1] if k == 0 else f32(teacher_forced_logits(model, inputs, ref_tokens[:k]))
             st["divergence"] = (k, np.asarray(lg, np.float32).reshape(-1))
@@ -443,6 +496,14 @@ def run_ours(model_dir: str, inputs: Dict[str, np.ndarray], layers: List[int], t
         glm4v_ms.model.ops.set_bf16_emulation(False)
     st["emulated"] = emulate
     return st
+
+
+def add_divergence(ours: Dict, ref_tokens: Sequence[int]) -> None:
+    """run_ours(ref_tokens=None)'s side, once the reference's tokens are known: ``divergence`` (step, our logits
+    there) where the two first differ and both produced a token."""
+    k = first_difference(ours["new_tokens"], list(ref_tokens))
+    if k is not None and k < min(len(ours["new_tokens"]), len(ref_tokens)):
+        ours["divergence"] = (k, np.asarray(ours["step_logits"][k], np.float32).reshape(-1))
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -507,10 +568,17 @@ def build_report(ref: Dict, ours: Dict, layers: List[int], th: Dict, token_margi
         routing = compare_router(ours["router"], ref["router"], router["n_group"], router["topk_group"],
                                  router["dtype"], router["factor"])
         failed += [f"router.layer.{r['layer']}" for r in routing if not r["passed"]]
+        for r in routing:  # choices of ours the reference was forced to although it chose otherwise
+            r["forced"] = ref.get("forced", {}).get(r["layer"])
     if not tok["pass"]:
         failed.append("tokens")
-    return {"stages": stages, "router": routing, "tokens": tok, "failed": failed,
-            "verdict": "FAIL" if failed else "PASS"}
+    out = {"stages": stages, "router": routing, "tokens": tok, "failed": failed,
+           "verdict": "FAIL" if failed else "PASS"}
+    if "forced" in ref:
+        # the layer / logits stages ran with the reference's routers forced to our choices (run_reference)
+        out["stage_routing"] = {"routed_as": "ours", "forced_choices": int(sum(ref["forced"].values())),
+                                "choices": int(sum(r["choices"] for r in routing))}
+    return out
 
 
 def print_table(rep: Dict, header: List[str]) -> None:
@@ -518,6 +586,11 @@ def print_table(rep: Dict, header: List[str]) -> None:
         print(line)
     print()
     cols = f"{'stage':<18} {'rel err':>9} {'max abs':>9} {'cosine':>12}   {'threshold':<27} result"
+    sr = rep.get("stage_routing")
+    if sr is not None:
+        print(f"layer / logits stages compared under OUR expert choices: the reference's routers were forced to them; "
+              f"{sr['forced_choices']} of {sr['choices']} choices differed from its own (judged in the expert "
+              "choices below)")
     print(cols)
     print("-" * len(cols))
     for s in rep["stages"]:
@@ -531,7 +604,8 @@ def print_table(rep: Dict, header: List[str]) -> None:
         print(f"expert choices (near-tie tolerance: {rep['router'][0]['factor']:g} x what the router input's "
               "measured error and rounding can move a score)")
         for r in rep["router"]:
-            print(f"  {describe(r):<100} {'PASS' if r['passed'] else 'FAIL'}")
+            line = describe(r) + ("" if r.get("forced") is None else f"; {r['forced']} forced to ours for the stages")
+            print(f"  {line:<100} {'PASS' if r['passed'] else 'FAIL'}")
     t = rep["tokens"]
     print()
     n = max(len(t["ours"]), len(t["reference"]))
@@ -659,24 +733,40 @@ def _run(args) -> int:
         print("note: bfloat16 is EMULATED on CPU (fp32 compute; parameters and op outputs rounded to bf16); "
               "run on Ascend for real bf16", file=sys.stderr if args.json else sys.stdout)
 
-    t0 = time.perf_counter()
-    _progress(f"reference (transformers, fp32, CPU): {ref_dir}")
-    try:
-        ref = run_reference(ref_dir, inputs, layers, args.tokens, eos, pad, moe=config.is_moe)
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - transformers' errors (loading, a forward that fails) end in one line
-        raise UsageError(f"the reference (transformers, {ref_dir}) failed: {type(e).__name__}: {_first_line(e)}") \
-            from None
-    gc.collect()
-    t_ref = time.perf_counter() - t0
-    _progress(f"ours (glm4v_ms, {args.dtype}, {args.device}): {model_dir}")
-    try:
-        ours = run_ours(model_dir, inputs, layers, args.tokens, eos, pad, args.dtype, args.device, args.mode,
-                        ref["new_tokens"])
-    except setup_errors as e:  # QuantConfigError is a ValueError: a GPTQ tensor the config does not describe
-        raise UsageError(f"glm4v_ms could not load or run {model_dir}: {_first_line(e)}") from None
-    t_ours = time.perf_counter() - t0 - t_ref
+    def reference(force=None):
+        _progress(f"reference (transformers, fp32, CPU{', routed as ours' if force else ''}): {ref_dir}")
+        t = time.perf_counter()
+        try:
+            out = run_reference(ref_dir, inputs, layers, args.tokens, eos, pad, moe=config.is_moe, force=force)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - transformers' errors (loading, a forward that fails) end in one line
+            raise UsageError(f"the reference (transformers, {ref_dir}) failed: {type(e).__name__}: "
+                             f"{_first_line(e)}") from None
+        gc.collect()
+        return out, time.perf_counter() - t
+
+    def our_side(ref_tokens):
+        _progress(f"ours (glm4v_ms, {args.dtype}, {args.device}): {model_dir}")
+        t = time.perf_counter()
+        try:
+            out = run_ours(model_dir, inputs, layers, args.tokens, eos, pad, args.dtype, args.device, args.mode,
+                           ref_tokens)
+        except setup_errors as e:  # QuantConfigError is a ValueError: a GPTQ tensor the config does not describe
+            raise UsageError(f"glm4v_ms could not load or run {model_dir}: {_first_line(e)}") from None
+        gc.collect()
+        return out, time.perf_counter() - t
+
+    if config.is_moe:
+        # MoE: ours first, then the reference with its routers forced to our expert choices, so that the stages
+        # compare numerics under one routing (a near-tie flip in bf16 would otherwise move a token's output by a
+        # whole expert); the routing itself is compared by the router check on the reference's own choices.
+        ours, t_ours = our_side(None)
+        ref, t_ref = reference({i: r.ids for i, r in ours["router"].items()})
+        add_divergence(ours, ref["new_tokens"])
+    else:
+        ref, t_ref = reference()
+        ours, t_ours = our_side(ref["new_tokens"])
 
     try:
         router = None
