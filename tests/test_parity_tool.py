@@ -386,8 +386,58 @@ def test_moe_fp32_passes_with_identical_choices(moe_setup, capsys):
         assert r["tokens"] == n and r["choices"] == 4 * n and r["differing"] == 0 and r["passed"], r
         assert 0 < r["input_max_abs"] < 1e-4
     assert rep["tokens"]["ours"] == rep["tokens"]["reference"]
+    # the stages ran under our routing; in fp32 the choices are the reference's own, so nothing was forced
+    assert rep["stage_routing"] == {"routed_as": "ours", "forced_choices": 0, "choices": 8 * n}
+    assert [r["forced"] for r in rep["router"]] == [0, 0]
     rc, out, _ = _run(capsys, folder, "--image", image, "--prompt", "What is in this picture?", "--tokens", "2")
     assert rc == 0 and f"router layer 2: {n} tokens, {4 * n} choices compared, 0 differing (0 excused" in out
+    assert (f"stages compared under OUR expert choices: the reference's routers were forced to them; 0 of {8 * n} "
+            "choices differed from its own") in out
+
+
+PROMPT = "What is in this picture?"
+
+
+@pytest.fixture(scope="module")
+def moe_fp32_choices(moe_setup):
+    """(inputs, {layer: RouterLayer}): the arrays parity.py gives both sides for PROMPT and the image, and our fp32
+    model's router side on them (glm4v_ms's own expert choices)."""
+    import glm4v_ms
+    from glm4v_ms.apps.router_check import forward_with_router
+    from glm4v_ms.processing.processor import Glm4vProcessor
+
+    folder, image = moe_setup
+    x = Glm4vProcessor.from_pretrained(folder).apply_chat_template(
+        parity.messages(PROMPT, [image], None), add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="np")
+    inputs = {k: np.asarray(x[k]) for k in parity.MODEL_KEYS if x.get(k) is not None}
+    _, router = forward_with_router(glm4v_ms.load_model(folder), inputs)
+    return inputs, router
+
+
+def test_moe_forcing_our_fp32_choices_changes_nothing(moe_setup, moe_fp32_choices):
+    """In fp32 our choices are the reference's own: forcing the reference's routers to them leaves every compared
+    array bit for bit as the unforced reference computes it (one code path serves fp32 and bf16). Forcing one
+    token to other experts does change that token's output (the hooks are really in the forward)."""
+    folder, _ = moe_setup
+    inputs, router = moe_fp32_choices
+    ours = {i: r.ids for i, r in router.items()}
+    plain = parity.run_reference(folder, inputs, [0, 1, 2], 0, [], 0, moe=True)
+    forced = parity.run_reference(folder, inputs, [0, 1, 2], 0, [], 0, moe=True, force=ours)
+    assert forced["forced"] == {1: 0, 2: 0} and "forced" not in plain
+    for i in (0, 1, 2):
+        assert np.array_equal(forced["layers"][i], plain["layers"][i]), i
+    assert np.array_equal(forced["logits"], plain["logits"])
+    for i in (1, 2):  # the router check's side is the reference's own choice either way
+        assert np.array_equal(forced["router"][i].ids, plain["router"][i].ids)
+    other = {i: ids.copy() for i, ids in ours.items()}
+    other[1][3] = [e for e in range(16) if e not in ours[1][3]][:4]  # token 3 of layer 1: four other experts
+    moved = parity.run_reference(folder, inputs, [0, 1], 0, [], 0, moe=True, force=other)
+    assert moved["forced"][1] == 4
+    d = np.abs(moved["layers"][1] - plain["layers"][1]).reshape(-1, moved["layers"][1].shape[-1]).max(-1)
+    # only that token moved (nothing mixes tokens after layer 1's MoE); the others by rounding at most: an expert's
+    # matmul now runs over a different set of rows
+    assert d[3] > 0.1 and np.delete(d, 3).max() < 1e-5, d
 
 
 def test_moe_perturbed_router_weight_is_a_real_divergence(moe_setup, capsys, tmp_path):
@@ -416,14 +466,49 @@ def test_moe_perturbed_router_weight_is_a_real_divergence(moe_setup, capsys, tmp
 
 def test_moe_bf16_routing_flips_are_excused_near_ties(moe_setup, capsys):
     """bf16 (emulated) moves the router inputs enough to flip a few choices; each flip sits within the tolerance the
-    measured input error gives, so none is a real divergence. (On this tiny random model a flipped expert moves the
-    hidden states of later layers past the dense model's bf16 bounds, so only the routing is asserted here.)"""
+    measured input error gives, so none is a real divergence. The stages run under our choices (the reference's
+    routers forced to them), so a flipped expert no longer moves that token's output by a whole expert: every stage
+    is within the dense model's bf16 bounds and the report PASSES (before the forcing, layer 2 failed at 5.7e-2)."""
     folder, image = moe_setup
-    rc, rep, err = _run_json(capsys, folder, image, "--dtype", "bfloat16", "--tokens", "2")
+    rc, rep, err = _run_json(capsys, folder, image, "--dtype", "bfloat16", "--tokens", "2", "--layers", "all")
     routing = rep["router"]
-    assert not [f for f in rep["failed"] if f.startswith("router")], rep["router"]
+    assert rc == 0 and rep["verdict"] == "PASS" and rep["failed"] == [], (rep["failed"], err[-2000:])
     assert sum(r["differing"] for r in routing) > 0  # the rule was exercised
     assert all(r["excused"] == r["differing"] and r["real"] == 0 for r in routing)
+    # every choice of ours the reference did not make was forced on it, and nothing else
+    assert [r["forced"] for r in routing] == [r["differing"] for r in routing], routing
+    assert rep["stage_routing"]["forced_choices"] == sum(r["differing"] for r in routing) > 0
+    for s in rep["stages"]:
+        assert s["passed"] and s["rel_err"] <= rep["thresholds"]["vision" if s["stage"] == "vision.features" else
+                                                             "logits" if s["stage"] == "logits" else "hidden"], s
+    assert next(s for s in rep["stages"] if s["stage"] == "logits")["rel_err"] > 1e-3  # bf16 rounding happened
+
+
+def test_moe_perturbed_expert_fails_although_the_routing_matches(moe_setup, moe_fp32_choices, capsys, tmp_path):
+    """Forcing the reference to our routing must not hide a numeric error of ours: one routed expert of layer 1
+    (the one our router picks most often) with its down_proj scaled by 1.05 in MODEL_DIR's copy. Layer 1's router
+    input and choices are unchanged (router.layer.1 passes with 0 differing), and the report FAILS at layer.1, the
+    first stage that uses the expert."""
+    folder, image = moe_setup
+    _, router = moe_fp32_choices
+    counts = np.bincount(router[1].ids.reshape(-1), minlength=16)
+    e = int(np.argmax(counts))
+    assert counts[e] > 0
+    key = f"model.language_model.layers.1.mlp.experts.{e}.down_proj.weight"
+
+    def scale(w):
+        w[key] = w[key] * np.float32(1.05)
+
+    bad = _edit_weights(folder, tmp_path / "bad_expert", scale)
+    rc, rep, err = _run_json(capsys, bad, image, "--reference_dir", folder, "--tokens", "2", "--layers", "all",
+                             "--mode", "eager")
+    stages = {s["stage"]: s for s in rep["stages"]}
+    assert rc == 1 and rep["failed"][0] == "layer.1", (rep["failed"], stages)
+    assert stages["layer.0"]["passed"] and stages["layer.0"]["rel_err"] < 1e-5
+    assert not stages["layer.1"]["passed"] and stages["layer.1"]["rel_err"] > 1e-3, stages["layer.1"]
+    r1 = rep["router"][0]
+    assert r1["layer"] == 1 and r1["differing"] == 0 and r1["forced"] == 0 and r1["passed"], r1
+    assert "router.layer.1" not in rep["failed"]
 
 
 def test_router_near_tie_rule():
