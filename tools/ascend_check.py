@@ -266,6 +266,11 @@ def fast_path_logits(model, x, n: int, mode: str = "graph"):
 
     sess, cache = open_session(model, GenerationConfig(max_new_tokens=n, eos_token_id=[]), 1,
                                x["input_ids"].shape[1], mode)
+    return _steps(sess, cache, x, n)
+
+
+def _steps(sess, cache, x, n: int):
+    """Prefill ``x`` and decode greedily to ``n`` tokens in ``sess``; (each step's logits, the tokens)."""
     sess.return_logits = True  # GraphSession: read each step's logits back (EagerSession always keeps them)
     tok = sess.prefill(x, cache)
     logits, seq = [sess.last_logits], [tok]
@@ -438,16 +443,7 @@ def main(argv=None) -> int:
     feat = fast.embed(x["input_ids"], x["pixel_values"], x["image_grid_thw"], return_stages=True)[1]["merger"]
     runner = graph_runner(fast)
     gen = GenerationConfig(max_new_tokens=n, eos_token_id=[])
-    sess = GraphSession(runner, gen, 1)
-    sess.return_logits = True
-    cache = runner.open_cache(1, x["input_ids"].shape[1], n)
-    tok = sess.prefill(x, cache)
-    fast_logits, seq = [sess.last_logits], [tok]
-    for _ in range(n - 1):
-        tok = sess.step(tok, cache)
-        fast_logits.append(sess.last_logits)
-        seq.append(tok)
-    sess.close(cache)
+    fast_logits, seq = _steps(GraphSession(runner, gen, 1), runner.open_cache(1, x["input_ids"].shape[1], n), x, n)
     # the reference's logits along the fast path's own tokens (one uncached fp32 forward)
     ops.set_fused(False)
     fed = np.concatenate([x["input_ids"], np.stack(seq[:-1], 1)], 1)
