@@ -75,23 +75,30 @@ def scale_init_(model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
 
 
+def eager_model(config_cls, model_cls, config_dict: Dict, seed: int):
+    """A transformers model of ``config_dict`` (eager attention everywhere, eval), scale-initialised."""
+    import torch
+
+    config = config_cls(**{k: v for k, v in config_dict.items() if k != "model_type"})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.config._attn_implementation = "eager"
+    for sub in (model.model.visual.config, model.model.language_model.config):
+        sub._attn_implementation = "eager"
+    scale_init_(model, seed)
+    return model
+
+
 def build_reference(folder: str, seed: int = 0, **cfg_kwargs):
     """Create, scale-initialise and save a tiny HF model into ``folder``; return the torch model (eval, fp32)."""
     import json
-    import torch
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
     cfg_dict = tiny_config_dict(**cfg_kwargs)
     # The torch side is always built from the nested 4.57 layout; the layout under test is written afterwards.
     torch_dict = tiny_config_dict(**dict(cfg_kwargs, flat=False, rope_key="rope_scaling"))
-    config = Glm4vConfig(**{k: v for k, v in torch_dict.items() if k != "model_type"})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Glm4vForConditionalGeneration(config).eval()
-    model.config._attn_implementation = "eager"
-    for sub in (model.model.visual.config, model.model.language_model.config):
-        sub._attn_implementation = "eager"
-    scale_init_(model, seed)
+    model = eager_model(Glm4vConfig, Glm4vForConditionalGeneration, torch_dict, seed)
     model.save_pretrained(folder, safe_serialization=True)
     if cfg_kwargs.get("flat") or cfg_kwargs.get("rope_key", "rope_scaling") != "rope_scaling":
         # Overwrite with the exact layout under test (save_pretrained always writes the nested 4.57 layout).
@@ -185,15 +192,7 @@ def build_moe_reference(folder: str, seed: int = 0, **cfg_kwargs):
     import torch
     from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
 
-    d = tiny_moe_config_dict(**cfg_kwargs)
-    config = Glm4vMoeConfig(**{k: v for k, v in d.items() if k != "model_type"})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Glm4vMoeForConditionalGeneration(config).eval()
-    model.config._attn_implementation = "eager"
-    for sub in (model.model.visual.config, model.model.language_model.config):
-        sub._attn_implementation = "eager"
-    scale_init_(model, seed)
+    model = eager_model(Glm4vMoeConfig, Glm4vMoeForConditionalGeneration, tiny_moe_config_dict(**cfg_kwargs), seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, buf in model.named_buffers():
