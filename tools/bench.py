@@ -14,8 +14,10 @@ of the first run, and the decode roofline: bytes of weights read per token (deco
 plus the KV cache) divided into the best measured memory read bandwidth of the machine, with the fraction reached.
 The machine's load average at the start and the end is printed: figures from a loaded machine are not comparable.
 
-Configs: ``tiny`` (the test model's size) and ``mid`` (~0.43B parameters: 8 decoder layers of width 1024, a 4-block
-ViT of width 512, and the real vocabulary of 151552, whose lm_head is 60% of the bytes a decode step reads).
+Configs: ``tiny`` (the test model's size), ``mid`` (~0.43B parameters: 8 decoder layers of width 1024, a 4-block
+ViT of width 512, and the real vocabulary of 151552, whose lm_head is 60% of the bytes a decode step reads) and
+``moe`` (GLM-4.5V's decoder at the mid width: 7 MoE layers of 32 routed experts, top 4, 1.1B parameters; the
+roofline counts only the experts the batch's tokens choose).
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ CONFIGS = {
     "mid": dict(vocab=151552, text=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
                                         num_attention_heads=8, num_key_value_heads=2),
                 vision=dict(depth=4, hidden_size=512, num_heads=4, intermediate_size=3072)),
+    # GLM-4.5V's decoder scaled down (glm4v_moe): the mid model's width with an explicit head_dim, layer 0 dense,
+    # then 7 MoE layers of 32 routed experts (top 4, 2 of 4 groups) + 1 shared expert: 1.1B parameters, ~0.3B active
+    "moe": dict(vocab=151552, text=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
+                                        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                                        moe_intermediate_size=768, n_routed_experts=32, num_experts_per_tok=4,
+                                        n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                        norm_topk_prob=True, routed_scaling_factor=1.0),
+                vision=dict(depth=4, hidden_size=512, num_heads=4, intermediate_size=3072)),
 }
 IMAGE_GRID = (1, 32, 32)  # a 448 x 448 image: 32 x 32 patches of 14 px, 256 tokens after the 2 x 2 merge
 
@@ -65,9 +75,13 @@ def config_dict(name: str) -> dict:
     vision = dict(c["vision"], out_hidden_size=c["text"]["hidden_size"], hidden_act="silu", attention_bias=False,
                   in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, image_size=336,
                   rms_norm_eps=1e-5, model_type="glm4v")
-    return dict({"architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v",
-                 "tie_word_embeddings": False, "torch_dtype": "bfloat16", "text_config": text,
-                 "vision_config": vision}, **ids)
+    moe = "n_routed_experts" in c["text"]
+    if moe:  # GLM-4.5V's ids and sub-config names
+        ids = dict(ids, image_token_id=151363, video_token_id=151364)
+        text["model_type"], vision["model_type"] = "glm4v_moe_text", "glm4v_moe"
+    return dict({"architectures": ["Glm4vMoeForConditionalGeneration" if moe else "Glm4vForConditionalGeneration"],
+                 "model_type": "glm4v_moe" if moe else "glm4v", "tie_word_embeddings": False,
+                 "torch_dtype": "bfloat16", "text_config": text, "vision_config": vision}, **ids)
 
 
 def bench_folder(name: str) -> str:
@@ -229,14 +243,23 @@ def config_dict_of(folder: str) -> dict:
 
 
 def decode_bytes(cfg: dict, context: int, batch: int) -> int:
-    """fp32 bytes one decode step reads: every decoder layer, the final norm, lm_head, and the KV cache."""
+    """fp32 bytes one decode step reads: every decoder layer, the final norm, lm_head, and the KV cache. MoE
+    layers: the router, the shared experts and the routed experts the batch's tokens choose (at most
+    batch x top-k distinct ones, all of them if fewer exist)."""
     t = cfg["text_config"]
     h, inner, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
-    d = h // t["num_attention_heads"]
-    kv = t["num_key_value_heads"] * d
-    attn = h * (h + 2 * kv) + (h + 2 * kv) + h * h
+    d = t.get("head_dim") or h // t["num_attention_heads"]
+    q, kv = t["num_attention_heads"] * d, t["num_key_value_heads"] * d
+    attn = h * (q + 2 * kv) + (q + 2 * kv) + q * h
     mlp = h * 2 * inner + inner * h
-    params = layers * (attn + mlp + 4 * h) + h + t["vocab_size"] * h
+    if "n_routed_experts" not in t:
+        params = layers * (attn + mlp + 4 * h) + h + t["vocab_size"] * h
+    else:
+        dense = t["first_k_dense_replace"]
+        expert = 3 * h * t["moe_intermediate_size"]
+        active = min(t["n_routed_experts"], batch * t["num_experts_per_tok"])
+        moe = t["n_routed_experts"] * h + active * expert + t["n_shared_experts"] * expert
+        params = layers * (attn + 2 * h) + dense * mlp + (layers - dense) * moe + h + t["vocab_size"] * h
     cache = 2 * layers * batch * context * kv
     return 4 * (params + cache)
 

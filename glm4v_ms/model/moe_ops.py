@@ -7,11 +7,12 @@ here and nowhere else:
   and each *active* expert runs once on all of its tokens (one gather, then per active expert a [m, H] x [H, 2I]
   and a [m, I] x [I, H] matmul, then one scatter-add). No loop over all experts, none per token.
 * static (inside a ``mindspore.jit`` graph of the runtime, ``ops.tracing()``; no host reads, static shapes): when
-  the batch chooses at most as many (token, expert) pairs as there are local experts (decode), the chosen experts'
-  weights are gathered and applied with two batched matmuls; otherwise (prefill on CPU) every local expert runs on
-  every token and the results are weighted by the routing weights (0 where not chosen). The latter computes
-  E / K times the useful work: a simplification for CPU graph prefill, where the real 106B model cannot run anyway;
-  on Ascend the fused form below is used.
+  the batch chooses at most a third as many (token, expert) pairs as there are local experts (small decode
+  batches), the chosen experts' weights are gathered and applied with two batched matmuls (gathering moves each
+  chosen expert three times); otherwise (larger decode batches, prefill on CPU) every local expert runs on every
+  token and the results are weighted by the routing weights (0 where not chosen), which reads each expert once but
+  computes E / K times the useful work in a prefill: a simplification for CPU graphs, where the real 106B model
+  cannot run anyway; on Ascend the fused form below is used.
 * fused (Ascend, bf16): ``moe_kernels.fused_routed_experts`` (MindSpore's MoE routing and grouped-matmul kernels).
 
 Weights are stored "in x out" per local expert: ``w13`` [L, H, 2I] with gate columns [0, I) and up columns [I, 2I),
@@ -81,13 +82,15 @@ def _static(x, topk_ids, topk_weights, w13, w2, expert_start):
     valid = mint.logical_and(local >= 0, local < local_n)
     weights = msops.where(valid, topk_weights.astype(ms.float32), msops.zeros_like(topk_weights).astype(ms.float32))
     safe = msops.where(valid, local, msops.zeros_like(local)).astype(ms.int32)
-    if n * k <= local_n:  # decode: gather the chosen experts' weights ([N*K, H, 2I] and [N*K, I, H])
+    # Gathering copies each chosen expert's weights (read, write, read again: 3 passes over N*K experts); running all
+    # L experts reads each once. Gather when it moves fewer bytes (small decode batches), else run them all.
+    if 3 * n * k <= local_n:  # gather the chosen experts' weights ([N*K, H, 2I] and [N*K, I, H])
         flat = safe.reshape(-1)
         xr = msops.broadcast_to(x.reshape(n, 1, 1, h), (n, k, 1, h)).reshape(n * k, 1, h)
         y = _BMM(ops.swiglu(_BMM(xr, msops.gather(w13, flat, 0))), msops.gather(w2, flat, 0))  # [N*K, 1, H]
         y = y.reshape(n, k, h).astype(ms.float32) * weights.reshape(n, k, 1)
         return y.sum(1).astype(x.dtype)
-    # prefill: every local expert on every token, weighted by the routing weight (0 where not chosen)
+    # every local expert on every token, weighted by the routing weight (0 where not chosen)
     onehot = msops.one_hot(safe, local_n, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # [N, K, L]
     dense = (onehot * weights.reshape(n, k, 1)).sum(1)  # [N, L]
     xb = msops.broadcast_to(x.reshape(1, n, h), (local_n, n, h))
