@@ -234,3 +234,21 @@ def test_the_dense_class_refuses_a_moe_folder_and_the_other_way_round(moe_models
         Glm4vMoeForConditionalGeneration.from_pretrained(dense_folder)
     assert model_class(moe_folder) is Glm4vMoeForConditionalGeneration
     assert model_class(dense_folder) is Glm4vForConditionalGeneration
+
+
+def test_router_weight_is_fp32_holding_the_model_dtype_values(moe_models):
+    """The router runs in fp32 as the reference's (no per-step cast): its weight is held in fp32, with the values a
+    model of the requested dtype holds (a bf16 model: the checkpoint's weight rounded to bf16, as torch's would be)."""
+    import mindspore as ms
+    from safetensors.numpy import load_file
+
+    folder = moe_models("moe_norm", seed=0, **NORM)[0]
+    raw = load_file(folder + "/model.safetensors")["model.language_model.layers.1.mlp.gate.weight"]
+    for dtype in (ms.float32, ms.bfloat16):
+        model = Glm4vMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        gate = model.language_model.layers[1].mlp.gate
+        assert gate.weight.dtype == ms.float32 and gate.e_score_correction_bias.dtype == ms.float32
+        assert model.language_model.layers[1].mlp.experts.gate_up_proj.dtype == dtype
+        want = ms.Tensor(raw).astype(dtype).astype(ms.float32).asnumpy()
+        np.testing.assert_array_equal(gate.weight.asnumpy(), want)
+    assert not np.array_equal(want, raw), "bf16 rounding must change this random weight"

@@ -74,6 +74,11 @@ class Glm4vMoeForConditionalGeneration(Glm4vForConditionalGeneration):
         ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
         load_pieces(model, folder, pieces, expected, ignore=ignore, transform=model.checkpoint_transform,
                     progress=progress)
+        if model.dtype != ms.float32:  # the reference holds the router weight in the model dtype (ours: fp32)
+            for layer in model.language_model.layers:
+                if layer.is_moe:
+                    w = layer.mlp.gate.weight
+                    w.set_data(w.astype(model.dtype).astype(ms.float32))
         model.generation_config = GenerationConfig.from_pretrained(folder, text_config=config.text)
         return model
 

@@ -32,21 +32,23 @@ _MATMUL_TB = msops.MatMul(transpose_b=True)
 
 
 class TopkRouter(nn.Cell):
-    """``gate``: weight [E, H] (model dtype), e_score_correction_bias [E] (always fp32, as the checkpoint stores
-    it). ``construct(x [N, H])`` -> (topk_ids [N, K] int32, topk_weights [N, K] fp32, choice scores [N, E])."""
+    """``gate``: weight [E, H] and e_score_correction_bias [E], both held in fp32 whatever the model dtype: the
+    reference computes the router in fp32 (a bf16 checkpoint's weight widens exactly), and holding it so saves
+    casting it on every step. ``construct(x [N, H])`` -> (topk_ids [N, K] int32, topk_weights [N, K] fp32, choice
+    scores [N, E])."""
 
     def __init__(self, cfg: MoeTextConfig, dtype):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.norm, self.scale = cfg.norm_topk_prob, float(cfg.routed_scaling_factor)
-        self.weight = new_param((cfg.n_routed_experts, cfg.hidden_size), dtype)
+        self.weight = new_param((cfg.n_routed_experts, cfg.hidden_size), ms.float32)
         self.e_score_correction_bias = new_param((cfg.n_routed_experts,), ms.float32)
 
     def construct(self, x):
         n = x.shape[0]
         # fp32 on both sides, not ops.linear: the reference's router is fp32 and never rounded to bf16
-        scores = msops.sigmoid(_MATMUL_TB(x.astype(ms.float32), self.weight.astype(ms.float32)))  # [N, E]
+        scores = msops.sigmoid(_MATMUL_TB(x.astype(ms.float32), self.weight))  # [N, E]
         choice = scores + self.e_score_correction_bias.reshape(1, -1)
         if self.topk_group < self.n_group:  # group-limited: keep the experts of the topk_group best groups
             per = self.n_experts // self.n_group
